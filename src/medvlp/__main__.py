@@ -1,0 +1,5 @@
+import sys
+
+from medvlp.cli import main
+
+sys.exit(main())

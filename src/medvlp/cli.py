@@ -1,0 +1,82 @@
+"""The ``medvlp`` command: one subcommand per stage, one YAML config per run, ``key=value`` overrides.
+
+A user's mistake (bad data, bad config, missing path) ends the command with one line on stderr and status 2,
+never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from medvlp import __version__
+from medvlp.config import load_config
+from medvlp.errors import MedvlpError
+
+log = logging.getLogger("medvlp")
+
+
+def _config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, help="YAML config file (defaults are used for what it leaves out)")
+    parser.set_defaults(overrides=[])
+    parser.epilog = "Any config value can be overridden as key=value, e.g. val_fraction=0.1 or model.size=base."
+
+
+def cmd_datasets(args: argparse.Namespace) -> None:
+    from medvlp.data.registry import DATASETS
+
+    for spec in DATASETS.values():
+        print(f"{spec.name:14s} {spec.family:15s} {spec.description}")
+
+
+def cmd_prepare(args: argparse.Namespace) -> None:
+    from medvlp.data.prepare import PrepareConfig
+    from medvlp.data.registry import prepare
+
+    config = load_config(PrepareConfig, args.config, args.overrides)
+    manifest = prepare(args.name, args.raw, args.out, config)
+    splits = ", ".join(f"{name} {entry['rows']:,}" for name, entry in manifest["splits"].items())
+    print(f"prepared {args.name} in {args.out}: {splits}; {manifest['images']['rows']:,} images; "
+          f"{manifest['skipped']['count']} records skipped")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="medvlp", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"medvlp {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("datasets", help="list the datasets medvlp can prepare")
+    p.set_defaults(run=cmd_datasets)
+
+    p = sub.add_parser("prepare", help="turn a raw dataset into the record format")
+    p.add_argument("name", help="dataset name (see `medvlp datasets`)")
+    p.add_argument("--raw", type=Path, required=True, help="the dataset's folder as its publisher ships it")
+    p.add_argument("--out", type=Path, required=True, help="where to write the prepared dataset")
+    _config_args(p)
+    p.set_defaults(run=cmd_prepare)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    unknown = [a for a in extra if a.startswith("-") or "=" not in a or not hasattr(args, "overrides")]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    args.overrides = extra
+    try:
+        args.run(args)
+    except MedvlpError as e:
+        print(f"medvlp {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"medvlp {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The data layer: raw readers, the record format, the synthetic corpus, tokenizer, transforms, collator."""

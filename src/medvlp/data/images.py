@@ -1,0 +1,102 @@
+"""Images on their way into a prepared dataset: safe paths, decoding, mode conversion, bounded size.
+
+Everything a raw dataset can throw at us (16-bit grey, CMYK, palettes, alpha, truncated or corrupt files) is
+either converted to 8-bit grey ("L") or RGB here, or refused with an ``ImageError`` whose message says what is
+wrong; the prepare pipeline counts and skips those. Stored images keep their original bytes when they are
+already a small enough 8-bit JPEG or PNG (no second lossy encoding); others are re-encoded once.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from medvlp.data.records import StoredImage
+
+Image.MAX_IMAGE_PIXELS = 20_000 * 20_000  # whole-slide scale; anything larger is refused, not decoded
+
+
+class ImageError(ValueError):
+    """An image that cannot be used; the message says why."""
+
+
+def safe_join(root: Path, name: str) -> Path:
+    """``root / name``, refusing any name that leads outside ``root`` (``..``, absolute paths, links)."""
+    if not name or "\x00" in name:
+        raise ImageError(f"image name {name!r} is empty or invalid")
+    root = root.resolve()
+    path = (root / name).resolve()
+    if not path.is_relative_to(root):
+        raise ImageError(f"image name {name!r} leads outside {root}")
+    return path
+
+
+def to_standard_mode(image: Image.Image) -> Image.Image:
+    """8-bit "L" or "RGB", whatever came in: 16-bit and float grey are stretched min-max to 0..255."""
+    mode = image.mode
+    if mode in ("L", "RGB"):
+        return image
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        pixels = np.asarray(image, dtype=np.float32)
+        low, high = float(pixels.min()), float(pixels.max())
+        scaled = (pixels - low) * (255.0 / (high - low)) if high > low else np.zeros_like(pixels)
+        return Image.fromarray(scaled.round().astype(np.uint8), "L")
+    if mode in ("1", "LA", "La"):
+        return image.convert("L")
+    return image.convert("RGB")  # CMYK, YCbCr, LAB, HSV, P, PA, RGBA, RGBX, ...
+
+
+def decode(data: bytes) -> Image.Image:
+    """Decode and fully load an image (so a truncated file fails here, not in a training worker)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            image.load()
+    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ImageError("not a readable image (unknown format, or too large)") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise ImageError(f"corrupt or truncated image ({e})") from None
+    return image
+
+
+def load_image(source: Path | bytes, max_short_side: int = 512) -> tuple[StoredImage, str | None]:
+    """Read an image file (or bytes) for storing. Returns the stored image and a note on what was converted.
+
+    ``max_short_side`` bounds the shorter side (0 keeps the size): fine-tuning crops at most 384 pixels, and a
+    bounded image keeps the data loader fast.
+    """
+    if isinstance(source, Path):
+        try:
+            data = source.read_bytes()
+        except FileNotFoundError:
+            raise ImageError(f"image file {source} does not exist") from None
+        except OSError as e:
+            raise ImageError(f"image file {source} cannot be read ({e.strerror})") from None
+    else:
+        data = source
+    image = decode(data)
+    original_format, original_mode = (image.format or "").lower(), image.mode
+    converted = to_standard_mode(image)
+    note = None if converted is image else f"converted {original_mode} to {converted.mode}"
+    width, height = converted.size
+    too_big = max_short_side and min(width, height) > max_short_side
+    if note is None and not too_big and original_format in ("jpeg", "png"):
+        return StoredImage(data, original_format, width, height), None
+    if too_big:
+        scale = max_short_side / min(width, height)
+        size = (max(1, round(width * scale)), max(1, round(height * scale)))
+        converted = converted.resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)
+        width, height = size
+    out = io.BytesIO()
+    if original_format == "jpeg":  # already lossy: one more high-quality pass keeps it small
+        converted.save(out, "JPEG", quality=95)
+        fmt = "jpeg"
+    else:
+        converted.save(out, "PNG", compress_level=1)
+        fmt = "png"
+    return StoredImage(out.getvalue(), fmt, width, height), note

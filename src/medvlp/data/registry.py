@@ -1,0 +1,55 @@
+"""The one place that names every dataset: its task family, the reader of its raw layout, its splits.
+
+Adding a dataset is one reader function (in ``readers/``) and one entry below.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from medvlp.data.prepare import PrepareConfig, Reader, write_prepared
+from medvlp.data.readers import vqa_rad
+from medvlp.errors import DataError, MedvlpError
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    name: str
+    family: str  # one of records.FAMILIES
+    read: Reader
+    splits: tuple[str, ...]
+    description: str
+    extra_fields: tuple[str, ...] = ()
+
+
+DATASETS: dict[str, DatasetSpec] = {
+    spec.name: spec
+    for spec in [
+        DatasetSpec(
+            "vqa_rad", "vqa", vqa_rad.read, ("train", "test"),
+            "VQA-RAD radiology VQA (Lau et al. 2018): the M3AE 3,064/451 split or the original release",
+            extra_fields=("image_name", "organ", "question_type", "phrase_type"),
+        ),
+    ]
+}
+
+
+def dataset(name: str) -> DatasetSpec:
+    if name not in DATASETS:
+        raise MedvlpError(f"unknown dataset {name!r}; known: {', '.join(sorted(DATASETS))}")
+    return DATASETS[name]
+
+
+def prepare(name: str, raw: Path, out: Path, config: PrepareConfig | None = None,
+            report: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Read a raw dataset as its publisher ships it and write it in the record format; returns the manifest."""
+    spec, config = dataset(name), config or PrepareConfig()
+    raw = Path(raw)
+    if not raw.is_dir():
+        raise DataError(f"--raw {raw}: no such folder; point it at the unpacked {name} dataset")
+    return write_prepared(spec.name, spec.family, spec.read(raw, config), Path(out), config,
+                          source={"reader": spec.name, "raw": str(raw.resolve())},
+                          extra_fields=spec.extra_fields, report=report)
