@@ -7,15 +7,13 @@ never a traceback.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 
 from medvlp import __version__
 from medvlp.config import load_config
 from medvlp.errors import MedvlpError
-
-log = logging.getLogger("medvlp")
+from medvlp.log import setup as setup_logging
 
 
 def _config_args(parser: argparse.ArgumentParser) -> None:
@@ -60,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    setup_logging()
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     unknown = [a for a in extra if a.startswith("-") or "=" not in a or not hasattr(args, "overrides")]

@@ -1,0 +1,18 @@
+"""Logging at one place: every module logs to ``logging.getLogger("medvlp...")``; the command line calls
+``setup`` once, so messages reach stderr as plain lines (no tracebacks, no logger names)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+
+def setup(level: int = logging.INFO) -> logging.Logger:
+    logger = logging.getLogger("medvlp")
+    logger.handlers.clear()
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(level)
+    logger.propagate = False
+    return logger
