@@ -85,14 +85,18 @@ def test_16bit_cmyk_and_palette_images_are_converted(raw_vqa_rad, tmp_path):
     ramp = (np.arange(48 * 48, dtype=np.uint16).reshape(48, 48) * 20 + 1000)
     (raw_vqa_rad.images / "synpic0.jpg").write_bytes(_save(Image.fromarray(ramp), "PNG"))
     (raw_vqa_rad.images / "synpic1.jpg").write_bytes(_save(Image.new("CMYK", (40, 30), (10, 200, 30, 0)), "JPEG"))
-    (raw_vqa_rad.images / "synpic3.jpg").write_bytes(_save(Image.new("P", (40, 30), 3), "PNG"))
+    (raw_vqa_rad.images / "synpic3.jpg").write_bytes(_save(Image.new("P", (40, 30), 3), "PNG"))  # grey palette
+    (raw_vqa_rad.images / "synpic4.jpg").write_bytes(_save(Image.new("RGB", (40, 30), (90, 90, 90)), "JPEG"))
     manifest, lines = run(raw, tmp_path / "out")
     assert manifest["skipped"]["count"] == 0 and lines == []
-    assert manifest["converted_images"] == {"converted I;16 to L": 1, "converted CMYK to RGB": 1, "converted P to RGB": 1}
+    assert manifest["converted_images"] == {"converted I;16 to L": 1, "converted CMYK to RGB": 1,
+                                            "converted P with grey content to L": 1,
+                                            "converted RGB with grey content to L": 1}
     records = Records(tmp_path / "out", "train")
     grey = Image.open(io.BytesIO(records[0]["image_bytes"]))
     assert grey.mode == "L" and np.asarray(grey).min() == 0 and np.asarray(grey).max() == 255  # full range kept
     assert Image.open(io.BytesIO(records[1]["image_bytes"])).mode == "RGB"
+    assert Image.open(io.BytesIO(records[4]["image_bytes"])).mode == "L"
 
 
 def test_large_images_are_bounded(raw_vqa_rad, tmp_path):

@@ -1,7 +1,7 @@
 """Images on their way into a prepared dataset: safe paths, decoding, mode conversion, bounded size.
 
-Everything a raw dataset can throw at us (16-bit grey, CMYK, palettes, alpha, truncated or corrupt files) is
-either converted to 8-bit grey ("L") or RGB here, or refused with an ``ImageError`` whose message says what is
+Everything a raw dataset can throw at us (16-bit grey, CMYK, palettes, alpha, grey stored as RGB, truncated or
+corrupt files) is either converted to 8-bit grey ("L") or RGB here, or refused with an ``ImageError`` whose message says what is
 wrong; the prepare pipeline counts and skips those. Stored images keep their original bytes when they are
 already a small enough 8-bit JPEG or PNG (no second lossy encoding); others are re-encoded once.
 """
@@ -47,7 +47,17 @@ def to_standard_mode(image: Image.Image) -> Image.Image:
         return Image.fromarray(scaled.round().astype(np.uint8), "L")
     if mode in ("1", "LA", "La"):
         return image.convert("L")
+    if mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")  # Pillow resolves palette transparency through RGBA
     return image.convert("RGB")  # CMYK, YCbCr, LAB, HSV, P, PA, RGBA, RGBX, ...
+
+
+def _is_grey(image: Image.Image, tolerance: int = 2) -> bool:
+    """Whether an RGB image's channels agree everywhere (up to JPEG noise): stored as "L", it decodes twice as
+    fast and takes a third of the space, and the model sees the same pixels (grey is repeated to 3 channels)."""
+    pixels = np.asarray(image, dtype=np.int16)
+    return bool(np.abs(pixels[..., 0] - pixels[..., 1]).max() <= tolerance
+                and np.abs(pixels[..., 0] - pixels[..., 2]).max() <= tolerance)
 
 
 def decode(data: bytes) -> Image.Image:
@@ -83,6 +93,9 @@ def load_image(source: Path | bytes, max_short_side: int = 512) -> tuple[StoredI
     original_format, original_mode = (image.format or "").lower(), image.mode
     converted = to_standard_mode(image)
     note = None if converted is image else f"converted {original_mode} to {converted.mode}"
+    if converted.mode == "RGB" and _is_grey(converted):  # most radiographs ship as RGB with three equal channels
+        converted = converted.convert("L")
+        note = f"converted {original_mode} with grey content to L"
     width, height = converted.size
     too_big = max_short_side and min(width, height) > max_short_side
     if note is None and not too_big and original_format in ("jpeg", "png"):
