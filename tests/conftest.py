@@ -1,24 +1,12 @@
-"""Shared test helpers: where the real data lies, and a small raw VQA-RAD folder built from scratch."""
+"""Shared fixtures: the real data folder, and a small raw VQA-RAD folder built from scratch."""
 
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
-
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-
-
-def png_bytes(size: int = 48, seed: int = 0, mode: str = "L") -> bytes:
-    pixels = np.random.default_rng(seed).integers(0, 256, (size, size), dtype=np.uint8)
-    image = Image.fromarray(pixels, "L").convert(mode)
-    out = io.BytesIO()
-    image.save(out, "PNG" if mode != "CMYK" else "JPEG")
-    return out.getvalue()
+from helpers import SHARED_DATA, png_bytes
 
 
 @pytest.fixture(scope="session")

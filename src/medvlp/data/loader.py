@@ -1,0 +1,135 @@
+"""From prepared datasets to batches: one ``Dataset`` for every family, and the ``DataLoader`` around it.
+
+``FamilyDataset`` turns a record into an example: the decoded, transformed image (uint8) plus the text and
+targets of its family (a caption for pre-training and retrieval, question and answer for VQA, text and label
+for classification). A record whose image cannot be decoded becomes ``None``; ``collate`` drops it and counts
+it in the batch (``n_bad``), so a long run survives a bad sample and the trainer decides when there are too
+many. Several prepared datasets (ROCO + MedICaT, say) are read as one by ``Concat``.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from bisect import bisect_right
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from medvlp.data.collate import Collator
+from medvlp.data.records import Records
+from medvlp.data.transforms import EvalTransform, TrainTransform, decode_image
+from medvlp.errors import DataError
+
+log = logging.getLogger(__name__)
+
+
+class FamilyDataset(Dataset):
+    """One split of one prepared dataset, as model-ready examples.
+
+    ``answer_vocab``/``labels`` map VQA answers/class labels to indices (an answer outside the vocabulary
+    gets index -1: it counts as wrong in evaluation and adds no training signal). ``label_field`` picks the
+    record field a classification task trains on (MELINDA has several).
+    """
+
+    def __init__(self, root: Path | str, split: str, image_size: int, *, train: bool, seed: int = 0,
+                 answer_vocab: Sequence[str] | None = None, labels: Sequence[str] | None = None,
+                 label_field: str = "label"):
+        self.records = Records(root, split)
+        self.family, self.train, self.seed, self.image_size = self.records.family, train, seed, image_size
+        self.transform = TrainTransform(image_size, seed=seed) if train else EvalTransform(image_size)
+        manifest = self.records.manifest
+        vocab = answer_vocab if answer_vocab is not None else manifest.get("answer_vocab", [])
+        self.answer_index = {a: i for i, a in enumerate(vocab)}
+        label_names = labels if labels is not None else manifest.get("labels", [])
+        self.label_index = {label: i for i, label in enumerate(label_names)}
+        self.label_field = label_field
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, item: int | tuple[int, int]) -> dict[str, Any] | None:
+        """``dataset[row]``, or ``dataset[(key, row)]`` from a ``StreamSampler``: the key seeds this sample's
+        randomness (crop, caption choice), so it does not depend on workers or on resuming."""
+        key, row = item if isinstance(item, tuple) else (item, item)
+        record = self.records[row]
+        try:
+            image = decode_image(record["image_bytes"], size_hint=self.transform.size_hint)
+        except ValueError as e:
+            log.warning("skipped %s/%s row %d: %s", self.records.root, self.records.split, row, e)
+            return None
+        rng = random.Random(self.seed * 1_000_003 + key)
+        pixels = self.transform(image, rng) if self.train else self.transform(image)
+        example: dict[str, Any] = {"pixels": pixels, "key": key, "row": row}
+        family = self.family
+        if family == "pretrain":
+            captions = record["captions"]
+            example["text"] = rng.choice(captions) if self.train else captions[0]
+        elif family == "retrieval":
+            example["text"] = record["caption"]
+        elif family == "vqa":
+            example["text"] = record["question"]
+            example["answer"] = self.answer_index.get(record["answer"], -1)
+            example["closed"] = record["answer_type"] == "closed"
+        elif family == "classification":
+            example["text"] = record["text"]
+            example["label"] = self.label_index.get(record[self.label_field], -1)
+        return example
+
+
+def collate(collator: Collator, examples: list[dict[str, Any] | None]) -> dict[str, Any]:
+    """Drop examples that could not be read (counted as ``n_bad``) and collate the rest; the word masking is
+    seeded from the batch's first sample key, so it is the same on any worker and after a resume."""
+    good = [e for e in examples if e is not None]
+    if not good:
+        return {"n_bad": len(examples), "n": 0}
+    generator = torch.Generator().manual_seed(collator.seed * 1_000_003 + good[0]["key"])
+    batch = collator(good, generator=generator)
+    batch["n_bad"] = len(examples) - len(good)
+    batch["n"] = len(good)
+    return batch
+
+
+class _Collate:
+    """Picklable ``functools.partial(collate, collator)`` with a readable repr."""
+
+    def __init__(self, collator: Collator):
+        self.collator = collator
+
+    def __call__(self, examples: list[dict[str, Any] | None]) -> dict[str, Any]:
+        return collate(self.collator, examples)
+
+
+class Concat(Dataset):
+    """Several datasets read as one; takes ``row`` or ``(key, row)`` like ``FamilyDataset``."""
+
+    def __init__(self, datasets: Sequence[Dataset]):
+        if not datasets:
+            raise DataError("no datasets given; name at least one prepared dataset directory")
+        self.datasets = list(datasets)
+        self.starts = [0]
+        for d in self.datasets:
+            self.starts.append(self.starts[-1] + len(d))
+
+    def __len__(self) -> int:
+        return self.starts[-1]
+
+    def __getitem__(self, item: int | tuple[int, int]) -> dict[str, Any] | None:
+        key, row = item if isinstance(item, tuple) else (item, item)
+        if not 0 <= row < len(self):
+            raise IndexError(f"row {row} out of range for {len(self)} rows")
+        part = bisect_right(self.starts, row) - 1
+        return self.datasets[part][(key, row - self.starts[part])]
+
+
+def make_loader(dataset: Dataset, collator: Collator, *, batch_size: int, num_workers: int,
+                sampler: Sampler | None = None) -> DataLoader:
+    """Batches in ``sampler`` order (a ``StreamSampler`` for training; in order otherwise)."""
+    return DataLoader(
+        dataset, batch_size=batch_size, sampler=sampler, shuffle=False, num_workers=num_workers,
+        collate_fn=_Collate(collator), persistent_workers=num_workers > 0, pin_memory=torch.cuda.is_available(),
+        prefetch_factor=4 if num_workers > 0 else None,
+    )

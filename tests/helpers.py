@@ -1,0 +1,19 @@
+"""Small helpers the tests share (importable as ``helpers``: pytest puts tests/ on the path)."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def png_bytes(size: int = 48, seed: int = 0, mode: str = "L") -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 256, (size, size), dtype=np.uint8)
+    image = Image.fromarray(pixels, "L").convert(mode)
+    out = io.BytesIO()
+    image.save(out, "PNG" if mode != "CMYK" else "JPEG")
+    return out.getvalue()
