@@ -1,0 +1,196 @@
+"""Model configs: typed dataclasses, the named sizes (``tiny``, ``base``) and their checks.
+
+The defaults of every dataclass are the papers' ``base`` model (CLIP ViT-B/16, RoBERTa-base, six co-attention
+layers of width 768, a 384-wide MIM decoder). Layer indices into the fusion stack follow one convention:
+``states[0]`` is the fusion input (projected encoder output plus modality embedding) and ``states[i]`` the
+output of layer ``i``, so "the input of layer 4 of 6" is ``states[3]``.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any
+
+from medvlp.errors import ConfigError
+
+
+@dataclass
+class VisionConfig:
+    """The ViT image encoder (Hugging Face CLIP vision tower).
+
+    ``pretrained`` is a local directory or a hub id holding a ``CLIPVisionModel`` or a full ``CLIPModel``; when
+    set, the architecture numbers below are ignored and read from the checkpoint instead.
+    """
+
+    pretrained: str | None = None
+    hidden_size: int = 768
+    num_layers: int = 12
+    num_heads: int = 12
+    intermediate_size: int = 3072
+
+
+@dataclass
+class TextConfig:
+    """The BERT/RoBERTa-style text encoder; from scratch it is a RoBERTa built from these numbers.
+
+    ``vocab_size`` and ``pad_token_id`` must match the tokenizer (set them from it at build time). When
+    ``pretrained`` is set the numbers are read from the checkpoint instead.
+    """
+
+    pretrained: str | None = None
+    hidden_size: int = 768
+    num_layers: int = 12
+    num_heads: int = 12
+    intermediate_size: int = 3072
+    vocab_size: int = 50265
+    max_position_embeddings: int = 514
+    type_vocab_size: int = 1
+    pad_token_id: int = 1
+    dropout: float = 0.1
+
+
+@dataclass
+class FusionConfig:
+    """The co-attention stack: per layer and stream self-attention, cross-attention, feed-forward."""
+
+    hidden_size: int = 768
+    num_layers: int = 6
+    num_heads: int = 12
+    intermediate_size: int = 3072
+    dropout: float = 0.1
+
+
+@dataclass
+class MIMDecoderConfig:
+    """The small Transformer that predicts the pixels of the dropped patches (MAE-style)."""
+
+    hidden_size: int = 384
+    num_layers: int = 4
+    num_heads: int = 6
+    intermediate_size: int = 1536
+
+
+@dataclass
+class ModelConfig:
+    """The whole model. Defaults are the papers' ``base``; see ``MODEL_SIZES`` and ``model_config``.
+
+    - ``mim_layer``: index into the fusion states (0 = fusion input, i = output of layer i) that the pixel
+      decoder reads; 3 is "the input of layer 4 of 6", as in M3AE.
+    - ``mlm_layer``: the same kind of index for the MLM head; ``None`` means the last layer's output.
+    - ``memory_slots``: MPMA's memory-augmented fusion; 0 switches it off. ``memory_per_layer`` gives every
+      fusion layer its own memory matrix instead of one shared by all layers (both streams always share).
+    - ``tie_mlm_weights``: tie the MLM projection to the text word embeddings (only possible when the text
+      encoder and the fusion have the same width; otherwise the head has its own projection).
+    """
+
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    fusion: FusionConfig = field(default_factory=FusionConfig)
+    mim_decoder: MIMDecoderConfig = field(default_factory=MIMDecoderConfig)
+    image_size: int = 288
+    patch_size: int = 16
+    image_mask_ratio: float = 0.75
+    text_mask_ratio: float = 0.15
+    mim_layer: int = 3
+    mlm_layer: int | None = None
+    norm_pix_loss: bool = True
+    memory_slots: int = 0
+    memory_per_layer: bool = False
+    tie_mlm_weights: bool = True
+
+    @property
+    def grid_size(self) -> int:
+        """Patches per side at ``image_size``."""
+        return self.image_size // self.patch_size
+
+    @property
+    def mlm_layer_index(self) -> int:
+        """``mlm_layer`` resolved to a non-negative index into the fusion states."""
+        return self.fusion.num_layers if self.mlm_layer is None else self.mlm_layer
+
+    def validate(self) -> ModelConfig:
+        """Raise ``ConfigError`` (one line) for the first inconsistent value; return ``self`` when all is well."""
+        for name in ("image_mask_ratio", "text_mask_ratio"):
+            value = getattr(self, name)
+            if not 0.0 < value < 1.0:
+                raise ConfigError(f"model.{name} = {value} must lie strictly between 0 and 1")
+        if self.patch_size <= 0 or self.image_size <= 0:
+            raise ConfigError(f"model.image_size ({self.image_size}) and model.patch_size ({self.patch_size}) "
+                              "must be positive")
+        if self.image_size % self.patch_size:
+            raise ConfigError(f"model.image_size = {self.image_size} is not divisible by model.patch_size = "
+                              f"{self.patch_size}")
+        widths = {
+            "vision": (self.vision.hidden_size, self.vision.num_heads),
+            "text": (self.text.hidden_size, self.text.num_heads),
+            "fusion": (self.fusion.hidden_size, self.fusion.num_heads),
+            "mim_decoder": (self.mim_decoder.hidden_size, self.mim_decoder.num_heads),
+        }
+        for name, (width, heads) in widths.items():
+            if width <= 0 or heads <= 0 or width % heads:
+                raise ConfigError(f"model.{name}.hidden_size = {width} is not a positive multiple of "
+                                  f"model.{name}.num_heads = {heads}")
+        if self.mim_decoder.hidden_size % 4:
+            raise ConfigError(f"model.mim_decoder.hidden_size = {self.mim_decoder.hidden_size} must be divisible "
+                              "by 4 (2-D sine-cosine positions)")
+        counts = {
+            "vision.num_layers": self.vision.num_layers, "text.num_layers": self.text.num_layers,
+            "fusion.num_layers": self.fusion.num_layers, "mim_decoder.num_layers": self.mim_decoder.num_layers,
+            "text.vocab_size": self.text.vocab_size, "vision.intermediate_size": self.vision.intermediate_size,
+            "text.intermediate_size": self.text.intermediate_size,
+            "fusion.intermediate_size": self.fusion.intermediate_size,
+            "mim_decoder.intermediate_size": self.mim_decoder.intermediate_size,
+        }
+        for name, value in counts.items():
+            if value <= 0:
+                raise ConfigError(f"model.{name} = {value} must be positive")
+        layers = self.fusion.num_layers
+        if not 0 <= self.mim_layer <= layers:
+            raise ConfigError(f"model.mim_layer = {self.mim_layer} is out of range: use 0 (fusion input) to "
+                              f"{layers} (output of the last of {layers} fusion layers)")
+        if self.mlm_layer is not None and not 0 <= self.mlm_layer <= layers:
+            raise ConfigError(f"model.mlm_layer = {self.mlm_layer} is out of range: use 0 to {layers}, or null "
+                              "for the last layer")
+        if self.memory_slots < 0:
+            raise ConfigError(f"model.memory_slots = {self.memory_slots} must be 0 (off) or positive")
+        if not 0.0 <= self.text.dropout < 1.0 or not 0.0 <= self.fusion.dropout < 1.0:
+            raise ConfigError("model.text.dropout and model.fusion.dropout must lie in [0, 1)")
+        if not 0 <= self.text.pad_token_id < self.text.vocab_size:
+            raise ConfigError(f"model.text.pad_token_id = {self.text.pad_token_id} is outside the vocabulary "
+                              f"(size {self.text.vocab_size})")
+        return self
+
+
+MODEL_SIZES: dict[str, ModelConfig] = {
+    # CLIP ViT-B/16 + RoBERTa-base + 6 co-attention layers, as in M3AE and MPMA (pre-training at 288 px).
+    "base": ModelConfig(),
+    # Trains on two CPU cores in minutes (about 0.83 s per M3AE step of three passes at batch 32 and 64 tokens in
+    # fp32, 0.65 s at 40 tokens). Feed-forward blocks of text and fusion are 2x wide and dropout is off, since
+    # matrix products and dropout masks are what a CPU step spends its time on. The fusion keeps the M3AE shape
+    # with 2 layers; MIM reads the input of the second (the analogue of "input of layer 4 of 6").
+    "tiny": ModelConfig(
+        vision=VisionConfig(hidden_size=128, num_layers=2, num_heads=4, intermediate_size=512),
+        text=TextConfig(hidden_size=128, num_layers=2, num_heads=4, intermediate_size=256, vocab_size=4096,
+                        max_position_embeddings=130, dropout=0.0),
+        fusion=FusionConfig(hidden_size=128, num_layers=2, num_heads=4, intermediate_size=256, dropout=0.0),
+        mim_decoder=MIMDecoderConfig(hidden_size=96, num_layers=1, num_heads=3, intermediate_size=384),
+        image_size=64,
+        patch_size=16,
+        mim_layer=1,
+    ),
+}
+
+
+def model_config(size: str, **overrides: Any) -> ModelConfig:
+    """The named size with ``overrides`` applied and checked, e.g. ``model_config("tiny", text={"vocab_size": 5000})``.
+
+    Nested configs take a mapping of their fields (or a whole dataclass); unknown keys and wrong types are a
+    ``ConfigError``.
+    """
+    if size not in MODEL_SIZES:
+        raise ConfigError(f"unknown model size {size!r}; known sizes: {', '.join(MODEL_SIZES)}")
+    from medvlp.config import merge  # the project's one way of applying checked overrides
+
+    config = copy.deepcopy(MODEL_SIZES[size])  # callers may mutate their copy; MODEL_SIZES stays as it is
+    return merge(config, overrides, f"model_config({size!r})").validate()

@@ -1,0 +1,167 @@
+"""Co-attention fusion (M3AE) with MPMA's optional memory-augmented block.
+
+Two streams, text and image. In every layer each stream does self-attention, cross-attention to the *other*
+stream's input to that layer, and a feed-forward block. All attention goes through
+``torch.nn.functional.scaled_dot_product_attention``; padded text tokens are masked out as keys everywhere, so
+they change nothing at real positions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from medvlp.models.config import FusionConfig
+from medvlp.models.heads import Pooler, bert_init_
+
+LAYER_NORM_EPS = 1e-12  # BERT's value, as in M3AE's BERT-style fusion layers
+
+
+def key_padding_mask(attention_mask: Tensor | None) -> Tensor | None:
+    """[B, L] with 1 for real tokens -> boolean [B, 1, 1, L] for SDPA (True = may be attended to)."""
+    if attention_mask is None:
+        return None
+    return attention_mask.bool()[:, None, None, :]
+
+
+class MultiHeadAttention(nn.Module):
+    """Multi-head attention of ``query`` over ``context`` (self-attention when they are the same tensor)."""
+
+    def __init__(self, width: int, num_heads: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        if width % num_heads:
+            raise ValueError(f"width {width} is not divisible by {num_heads} heads")
+        self.num_heads = num_heads
+        self.dropout = dropout
+        self.query = nn.Linear(width, width)
+        self.key = nn.Linear(width, width)
+        self.value = nn.Linear(width, width)
+        self.out = nn.Linear(width, width)
+
+    def _split(self, x: Tensor) -> Tensor:
+        batch, length, width = x.shape
+        return x.view(batch, length, self.num_heads, width // self.num_heads).transpose(1, 2)
+
+    def forward(self, query: Tensor, context: Tensor, key_mask: Tensor | None = None) -> Tensor:
+        """``key_mask``: boolean, broadcastable to [B, heads, Lq, Lk], True where a key may be attended to."""
+        q, k, v = self._split(self.query(query)), self._split(self.key(context)), self._split(self.value(context))
+        if k.shape[0] != q.shape[0]:  # a context shared by the whole batch (the memory)
+            k, v = k.expand(q.shape[0], -1, -1, -1), v.expand(q.shape[0], -1, -1, -1)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask,
+                                             dropout_p=self.dropout if self.training else 0.0)
+        return self.out(out.transpose(1, 2).flatten(2))
+
+
+class CoAttentionLayer(nn.Module):
+    """One stream of one fusion layer: self-attention, cross-attention to the other stream, feed-forward.
+
+    Post-LN (``x = LayerNorm(x + sublayer(x))``), like the BERT-style cross layers of M3AE's reference
+    implementation: the fusion starts from scratch on top of two pre-trained encoders and we keep its layer
+    shape so that results stay comparable to the paper.
+    """
+
+    def __init__(self, cfg: FusionConfig) -> None:
+        super().__init__()
+        width = cfg.hidden_size
+        self.self_attn = MultiHeadAttention(width, cfg.num_heads, cfg.dropout)
+        self.self_norm = nn.LayerNorm(width, eps=LAYER_NORM_EPS)
+        self.cross_attn = MultiHeadAttention(width, cfg.num_heads, cfg.dropout)
+        self.cross_norm = nn.LayerNorm(width, eps=LAYER_NORM_EPS)
+        self.ffn = nn.Sequential(nn.Linear(width, cfg.intermediate_size), nn.GELU(),
+                                 nn.Linear(cfg.intermediate_size, width))
+        self.ffn_norm = nn.LayerNorm(width, eps=LAYER_NORM_EPS)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: Tensor, x_mask: Tensor | None, other: Tensor, other_mask: Tensor | None) -> Tensor:
+        x = self.self_norm(x + self.drop(self.self_attn(x, x, x_mask)))
+        x = self.cross_norm(x + self.drop(self.cross_attn(x, other, other_mask)))
+        return self.ffn_norm(x + self.drop(self.ffn(x)))
+
+
+class MemoryBlock(nn.Module):
+    """MPMA's memory read-out for one stream of one layer: ``x + out(attention(x -> memory slots))``.
+
+    The memory matrix itself lives in ``CoAttentionFusion`` (shared by both streams). The output projection
+    starts at exactly zero, so at initialisation the block returns its input unchanged and the pre-trained
+    fusion behaves as without memory; the block then learns how much to read.
+    """
+
+    def __init__(self, width: int, num_heads: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.attn = MultiHeadAttention(width, num_heads, dropout)
+        self.zero_output_()
+
+    def zero_output_(self) -> None:
+        nn.init.zeros_(self.attn.out.weight)
+        nn.init.zeros_(self.attn.out.bias)
+
+    def forward(self, x: Tensor, memory: Tensor) -> Tensor:
+        """``x`` [B, L, W], ``memory`` [S, W]."""
+        return x + self.attn(x, memory.unsqueeze(0))
+
+
+@dataclass
+class FusionOutput:
+    """Per-layer states of both streams (index 0 = fusion input, i = output of layer i) and the pooled outputs.
+
+    ``joint`` = ``cat(text_pooled, image_pooled)`` [B, 2W] is the joint representation the task heads read.
+    """
+
+    text_states: list[Tensor]
+    image_states: list[Tensor]
+    text_pooled: Tensor
+    image_pooled: Tensor
+    joint: Tensor
+
+
+class CoAttentionFusion(nn.Module):
+    """Project both encoders to the fusion width, add modality embeddings (0 text, 1 image), run the layers.
+
+    With ``memory_slots > 0`` every layer ends with a ``MemoryBlock`` per stream reading a learned memory of
+    ``memory_slots x width``: one matrix for all layers, or one per layer with ``memory_per_layer``; either
+    way both streams read the same matrix.
+    """
+
+    def __init__(self, cfg: FusionConfig, text_width: int, image_width: int, memory_slots: int = 0,
+                 memory_per_layer: bool = False) -> None:
+        super().__init__()
+        width = cfg.hidden_size
+        self.text_proj = nn.Linear(text_width, width)
+        self.image_proj = nn.Linear(image_width, width)
+        self.modality = nn.Embedding(2, width)
+        self.text_layers = nn.ModuleList(CoAttentionLayer(cfg) for _ in range(cfg.num_layers))
+        self.image_layers = nn.ModuleList(CoAttentionLayer(cfg) for _ in range(cfg.num_layers))
+        self.memory: nn.Parameter | None = None
+        if memory_slots > 0:
+            num_memories = cfg.num_layers if memory_per_layer else 1
+            self.memory = nn.Parameter(torch.randn(num_memories, memory_slots, width) * 0.02)
+            self.text_memory = nn.ModuleList(MemoryBlock(width, cfg.num_heads, cfg.dropout)
+                                             for _ in range(cfg.num_layers))
+            self.image_memory = nn.ModuleList(MemoryBlock(width, cfg.num_heads, cfg.dropout)
+                                              for _ in range(cfg.num_layers))
+        self.text_pooler = Pooler(width)
+        self.image_pooler = Pooler(width)
+        bert_init_(self)
+        for block in self.modules():
+            if isinstance(block, MemoryBlock):
+                block.zero_output_()
+
+    def forward(self, text: Tensor, attention_mask: Tensor, image: Tensor) -> FusionOutput:
+        """``text`` [B, L, Dt] with ``attention_mask`` [B, L] (1 = real); ``image`` [B, 1 + K, Dv]."""
+        text_mask = key_padding_mask(attention_mask)
+        t = self.text_proj(text) + self.modality.weight[0]
+        v = self.image_proj(image) + self.modality.weight[1]
+        text_states, image_states = [t], [v]
+        for i, (text_layer, image_layer) in enumerate(zip(self.text_layers, self.image_layers, strict=True)):
+            t, v = text_layer(t, text_mask, v, None), image_layer(v, None, t, text_mask)
+            if self.memory is not None:
+                memory = self.memory[i if self.memory.shape[0] > 1 else 0]
+                t, v = self.text_memory[i](t, memory), self.image_memory[i](v, memory)
+            text_states.append(t)
+            image_states.append(v)
+        text_pooled, image_pooled = self.text_pooler(t), self.image_pooler(v)
+        return FusionOutput(text_states=text_states, image_states=image_states, text_pooled=text_pooled,
+                            image_pooled=image_pooled, joint=torch.cat([text_pooled, image_pooled], dim=-1))

@@ -1,0 +1,254 @@
+"""``MedVLP``: encoders, co-attention fusion and the pre-training heads, tied together (M3AE; MPMA hooks).
+
+Reads top to bottom: pixel normalisation, patchify/unpatchify, masking, ``encode_image``, ``encode_text``,
+``fuse``, ``forward``. The model computes no losses; ``medvlp.objectives`` turns its outputs into losses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from medvlp.models.config import ModelConfig
+from medvlp.models.encoders import (ImageEncoding, Masking, build_text_encoder, build_vision_encoder,
+                                    random_masking)
+from medvlp.models.fusion import CoAttentionFusion, FusionOutput
+from medvlp.models.heads import ITMHead, MIMDecoder, MLMHead
+
+__all__ = ["CLIP_MEAN", "CLIP_STD", "MedVLP", "MedVLPOutput", "build_model", "normalize_pixels", "param_groups",
+           "patchify", "random_masking", "unpatchify"]
+
+IGNORE_INDEX = -100  # label of the text positions MLM does not predict
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Pixels
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def normalize_pixels(pixels: Tensor, mean: Tensor | None = None, std: Tensor | None = None) -> Tensor:
+    """uint8 [B, 3, H, W] -> float32, scaled to [0, 1] and standardised with CLIP's channel mean and std."""
+    if mean is None or std is None:
+        mean = torch.tensor(CLIP_MEAN, device=pixels.device).view(1, 3, 1, 1)
+        std = torch.tensor(CLIP_STD, device=pixels.device).view(1, 3, 1, 1)
+    return (pixels.float() / 255.0 - mean) / std
+
+
+def patchify(images: Tensor, patch_size: int) -> Tensor:
+    """[B, C, H, W] -> [B, N, patch_size**2 * C]; patches in raster order, values ordered (row, column, channel)."""
+    batch, channels, height, width = images.shape
+    p = patch_size
+    x = images.reshape(batch, channels, height // p, p, width // p, p)
+    return x.permute(0, 2, 4, 3, 5, 1).reshape(batch, (height // p) * (width // p), p * p * channels)
+
+
+def unpatchify(patches: Tensor, patch_size: int, grid: tuple[int, int], channels: int = 3) -> Tensor:
+    """The inverse of ``patchify``: [B, N, patch_size**2 * C] -> [B, C, H, W] for a (rows, columns) grid."""
+    batch, p = patches.shape[0], patch_size
+    x = patches.reshape(batch, grid[0], grid[1], p, p, channels)
+    return x.permute(0, 5, 1, 3, 2, 4).reshape(batch, channels, grid[0] * p, grid[1] * p)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Outputs
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class MedVLPOutput:
+    """What one forward pass produced. Heads that were not asked for are None.
+
+    - ``text_features`` [B, L, Dt], ``image_features`` [B, 1 + K, Dv]: the unimodal encoders' outputs;
+      ``text_cls`` / ``image_cls`` their first tokens (for MPMA's contrastive and local alignment losses).
+    - ``fusion``: per-layer states of both streams and the pooled/joint representation.
+    - ``masking``: which patches were dropped (None without image masking).
+    - ``mlm_logits`` [M, V]: only at the M positions to predict (``mlm_positions`` = ``mlm_labels != -100``,
+      row-major order), because the vocabulary projection of every token would dominate the step's cost.
+    - ``mim_pred`` [B, N, patch_size**2 * 3] for every patch (the loss keeps the dropped ones); ``itm_logits`` [B, 2].
+    """
+
+    text_features: Tensor
+    image_features: Tensor
+    fusion: FusionOutput
+    masking: Masking | None = None
+    mlm_positions: Tensor | None = None
+    mlm_logits: Tensor | None = None
+    mim_pred: Tensor | None = None
+    itm_logits: Tensor | None = None
+
+    @property
+    def text_cls(self) -> Tensor:
+        return self.text_features[:, 0]
+
+    @property
+    def image_cls(self) -> Tensor:
+        return self.image_features[:, 0]
+
+    @property
+    def text_states(self) -> list[Tensor]:
+        return self.fusion.text_states
+
+    @property
+    def image_states(self) -> list[Tensor]:
+        return self.fusion.image_states
+
+    @property
+    def joint(self) -> Tensor:
+        return self.fusion.joint
+
+    @property
+    def image_mask(self) -> Tensor | None:
+        return None if self.masking is None else self.masking.mask
+
+    @property
+    def ids_restore(self) -> Tensor | None:
+        return None if self.masking is None else self.masking.ids_restore
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The model
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class MedVLP(nn.Module):
+    """Vision encoder, text encoder, co-attention fusion, and the MLM / MIM / ITM heads.
+
+    ``self.cfg`` is the config with the encoders' architecture numbers read back from what was actually built
+    (a pretrained checkpoint decides its own sizes).
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.vision = build_vision_encoder(cfg.vision, cfg.image_size, cfg.patch_size)
+        self.text = build_text_encoder(cfg.text)
+        self.cfg = _resolved(cfg, self.vision, self.text)
+        width = cfg.fusion.hidden_size
+        self.fusion = CoAttentionFusion(cfg.fusion, self.text.hidden_size, self.vision.hidden_size,
+                                        cfg.memory_slots, cfg.memory_per_layer)
+        tie = cfg.tie_mlm_weights and self.text.hidden_size == width
+        self.mlm_head = MLMHead(width, self.text.vocab_size, self.text.word_embeddings.weight if tie else None)
+        self.mim_decoder = MIMDecoder(width, cfg.mim_decoder, cfg.patch_size)
+        self.itm_head = ITMHead(2 * width)
+        self.register_buffer("pixel_mean", torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(CLIP_STD).view(1, 3, 1, 1), persistent=False)
+
+    # -- pixels ---------------------------------------------------------------------------------------------------
+
+    def normalize(self, pixels: Tensor) -> Tensor:
+        """uint8 [B, 3, H, W] (any device) -> normalised float32 on the model's device."""
+        return normalize_pixels(pixels.to(self.pixel_mean.device, non_blocking=True), self.pixel_mean,
+                                self.pixel_std)
+
+    def patchify(self, images: Tensor) -> Tensor:
+        return patchify(images, self.cfg.patch_size)
+
+    def unpatchify(self, patches: Tensor, grid: tuple[int, int]) -> Tensor:
+        return unpatchify(patches, self.cfg.patch_size, grid)
+
+    # -- encoders and fusion --------------------------------------------------------------------------------------
+
+    def encode_image(self, pixels: Tensor, mask_ratio: float = 0.0,
+                     generator: torch.Generator | None = None) -> ImageEncoding:
+        """uint8 pixels -> vision states [B, 1 + K, Dv]; with ``mask_ratio > 0`` only the kept patches are encoded."""
+        return self.vision(self.normalize(pixels), mask_ratio, generator)
+
+    def encode_text(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """Token ids [B, L] -> text states [B, L, Dt]."""
+        device = self.pixel_mean.device
+        return self.text(input_ids.to(device), attention_mask.to(device))
+
+    def fuse(self, text_states: Tensor, attention_mask: Tensor, image_states: Tensor) -> FusionOutput:
+        return self.fusion(text_states, attention_mask.to(text_states.device), image_states)
+
+    # -- one pass -------------------------------------------------------------------------------------------------
+
+    def forward(self, batch: Mapping[str, Tensor], *, mask_image: bool = False, mask_text: bool = False,
+                itm: bool = False, generator: torch.Generator | None = None) -> MedVLPOutput:
+        """One pass over a batch; each head runs only when its task asks for it.
+
+        - ``mask_image``: drop ``image_mask_ratio`` of the patches and predict their pixels (MIM).
+        - ``mask_text``: read ``mlm_input_ids`` instead of ``input_ids`` and predict the words where
+          ``mlm_labels != -100`` (MLM).
+        - ``itm``: score the pairs with the ITM head (swap images beforehand with ``objectives.itm_batch``).
+
+        M3AE runs three passes per step (``mask_text``; ``mask_image``; ``itm`` on a swapped batch); MPMA's
+        paired masking is one pass with ``mask_image`` and ``mask_text`` together.
+        """
+        pixels = batch["pixels"]
+        image = self.encode_image(pixels, self.cfg.image_mask_ratio if mask_image else 0.0, generator)
+        input_ids = batch["mlm_input_ids"] if mask_text else batch["input_ids"]
+        text = self.encode_text(input_ids, batch["attention_mask"])
+        fused = self.fuse(text, batch["attention_mask"], image.states)
+        out = MedVLPOutput(text_features=text, image_features=image.states, fusion=fused, masking=image.masking)
+        if mask_text:
+            out.mlm_positions = batch["mlm_labels"].to(text.device) != IGNORE_INDEX
+            out.mlm_logits = self.mlm_head(fused.text_states[self.cfg.mlm_layer_index][out.mlm_positions])
+        if mask_image:
+            grid = (pixels.shape[-2] // self.cfg.patch_size, pixels.shape[-1] // self.cfg.patch_size)
+            out.mim_pred = self.mim_decoder(fused.image_states[self.cfg.mim_layer], image.masking.ids_restore, grid)
+        if itm:
+            out.itm_logits = self.itm_head(fused.joint)
+        return out
+
+
+def _resolved(cfg: ModelConfig, vision: nn.Module, text: nn.Module) -> ModelConfig:
+    """``cfg`` with the encoder numbers of the modules actually built (they differ when loaded from a checkpoint)."""
+    v, t = vision.model.config, text.model.config
+    vision_cfg = dataclasses.replace(cfg.vision, hidden_size=v.hidden_size, num_layers=v.num_hidden_layers,
+                                     num_heads=v.num_attention_heads, intermediate_size=v.intermediate_size)
+    text_cfg = dataclasses.replace(
+        cfg.text, hidden_size=t.hidden_size, num_layers=t.num_hidden_layers, num_heads=t.num_attention_heads,
+        intermediate_size=getattr(t, "intermediate_size", cfg.text.intermediate_size), vocab_size=t.vocab_size,
+        max_position_embeddings=getattr(t, "max_position_embeddings", cfg.text.max_position_embeddings),
+        type_vocab_size=getattr(t, "type_vocab_size", cfg.text.type_vocab_size),
+        pad_token_id=t.pad_token_id if t.pad_token_id is not None else cfg.text.pad_token_id,
+    )
+    return dataclasses.replace(cfg, vision=vision_cfg, text=text_cfg)
+
+
+def build_model(cfg: ModelConfig) -> MedVLP:
+    """Check ``cfg`` and build the model (pretrained encoders where ``pretrained`` is set, otherwise random)."""
+    return MedVLP(cfg.validate())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Optimiser parameter groups
+# ----------------------------------------------------------------------------------------------------------------
+
+ENCODER_PREFIXES = ("vision.", "text.")
+_NO_DECAY_NAMES = {"class_embedding", "mask_token", "memory"}
+
+
+def _no_decay(model: nn.Module, name: str) -> bool:
+    """Biases, norms, embedding tables, class/mask tokens and the memory matrix get no weight decay."""
+    module_name, _, param_name = name.rpartition(".")
+    module = model.get_submodule(module_name) if module_name else model
+    return (param_name.endswith("bias") or param_name in _NO_DECAY_NAMES
+            or isinstance(module, (nn.LayerNorm, nn.Embedding)))
+
+
+def param_groups(model: MedVLP, lr: float, weight_decay: float = 0.01,
+                 head_lr_multiplier: float = 5.0) -> list[dict]:
+    """AdamW parameter groups: encoders at ``lr``, fusion and heads at ``lr * head_lr_multiplier`` (M3AE uses
+    5x), each split into decayed and not-decayed parameters. Each group carries a ``name``; empty groups are
+    left out. A tied MLM projection counts once, as the text encoder's embedding table."""
+    groups: dict[str, dict] = {}
+    for name, param in model.named_parameters():  # named_parameters() yields a shared (tied) tensor once
+        if not param.requires_grad:
+            continue
+        part = "encoder" if name.startswith(ENCODER_PREFIXES) else "head"
+        no_decay = _no_decay(model, name)
+        key = f"{part}_no_decay" if no_decay else part
+        group = groups.setdefault(key, {
+            "name": key, "params": [], "weight_decay": 0.0 if no_decay else weight_decay,
+            "lr": lr * (head_lr_multiplier if part == "head" else 1.0),
+        })
+        group["params"].append(param)
+    return [groups[key] for key in ("encoder", "encoder_no_decay", "head", "head_no_decay") if key in groups]

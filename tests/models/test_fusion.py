@@ -1,0 +1,88 @@
+"""Co-attention fusion: padding is invisible, streams do see each other, the memory starts as an identity."""
+
+import torch
+
+from medvlp.models import CoAttentionFusion, FusionConfig, MemoryBlock
+
+CFG = FusionConfig(hidden_size=32, num_layers=3, num_heads=4, intermediate_size=64, dropout=0.1)
+
+
+def _fusion(**memory) -> CoAttentionFusion:
+    torch.manual_seed(0)
+    return CoAttentionFusion(CFG, text_width=24, image_width=40, **memory).eval()
+
+
+def _inputs(batch=3, length=7):
+    text = torch.randn(batch, length, 24)
+    mask = torch.ones(batch, length, dtype=torch.long)
+    mask[1, 4:] = 0
+    mask[2, 2:] = 0
+    return text, mask, torch.randn(batch, 5, 40)
+
+
+def test_padded_text_positions_change_nothing_at_real_positions():
+    fusion = _fusion(memory_slots=6)
+    text, mask, image = _inputs()
+    base = fusion(text, mask, image)
+    # garbage in the padded slots, plus four more padded positions
+    garbage = torch.randn(3, 11, 24) * 50
+    longer_text = torch.where(torch.cat([mask, torch.zeros(3, 4, dtype=torch.long)], 1)[..., None].bool(),
+                              torch.cat([text, torch.zeros(3, 4, 24)], 1), garbage)
+    longer_mask = torch.cat([mask, torch.zeros(3, 4, dtype=torch.long)], 1)
+    other = fusion(longer_text, longer_mask, image)
+    real = mask.bool()
+    for a, b in zip(base.text_states, other.text_states, strict=True):
+        torch.testing.assert_close(b[:, :7][real], a[real], atol=1e-5, rtol=1e-5)
+    for a, b in zip(base.image_states, other.image_states, strict=True):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(other.joint, base.joint, atol=1e-5, rtol=1e-5)
+
+
+def test_each_stream_reads_the_other():
+    fusion = _fusion()
+    text, mask, image = _inputs()
+    base = fusion(text, mask, image)
+    other = fusion(text, mask, image + 1.0)
+    assert not torch.allclose(other.text_states[1], base.text_states[1])
+    assert torch.equal(other.text_states[0], base.text_states[0])
+    changed_text = text.clone()
+    changed_text[0, 0] += 1.0
+    other = fusion(changed_text, mask, image)
+    assert not torch.allclose(other.image_states[1][0], base.image_states[1][0])
+    torch.testing.assert_close(other.image_states[1][1:], base.image_states[1][1:])
+
+
+def test_outputs_have_per_layer_states_and_a_joint_of_twice_the_width():
+    out = _fusion()(*_inputs())
+    assert len(out.text_states) == len(out.image_states) == CFG.num_layers + 1
+    assert out.text_states[-1].shape == (3, 7, 32) and out.image_states[-1].shape == (3, 5, 32)
+    assert out.joint.shape == (3, 64)
+    torch.testing.assert_close(out.joint, torch.cat([out.text_pooled, out.image_pooled], -1))
+
+
+def test_memory_at_initialisation_leaves_the_fusion_output_exactly_unchanged():
+    for per_layer in (False, True):
+        with_memory = _fusion(memory_slots=8, memory_per_layer=per_layer)
+        assert with_memory.memory.shape == ((CFG.num_layers if per_layer else 1), 8, 32)
+        without = CoAttentionFusion(CFG, 24, 40).eval()
+        missing, unexpected = without.load_state_dict(with_memory.state_dict(), strict=False)
+        assert not missing and all("memory" in key for key in unexpected) and unexpected
+        inputs = _inputs()
+        a, b = with_memory(*inputs), without(*inputs)
+        for x, y in zip(a.text_states + a.image_states, b.text_states + b.image_states, strict=True):
+            assert torch.equal(x, y)
+        assert torch.equal(a.joint, b.joint)
+
+
+def test_memory_is_read_once_it_has_learned_something():
+    fusion = _fusion(memory_slots=8)
+    inputs = _inputs()
+    before = fusion(*inputs).joint
+    for block in fusion.modules():
+        if isinstance(block, MemoryBlock):
+            torch.nn.init.normal_(block.attn.out.weight, std=0.1)
+    assert not torch.allclose(fusion(*inputs).joint, before)
+    # and the zero-initialised projection gets a gradient, so it can learn
+    fusion = _fusion(memory_slots=8).train()
+    fusion(*inputs).joint.square().sum().backward()
+    assert fusion.text_memory[0].attn.out.weight.grad.abs().sum() > 0
