@@ -7,6 +7,7 @@ never a traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -40,6 +41,41 @@ def cmd_prepare(args: argparse.Namespace) -> None:
           f"{manifest['skipped']['count']} records skipped")
 
 
+def cmd_synth(args: argparse.Namespace) -> None:
+    from medvlp.data.synthetic import SynthConfig, generate
+
+    config = load_config(SynthConfig, config_path(args.config), args.overrides)
+    manifests = generate(args.out, config)
+    for family, manifest in manifests.items():
+        splits = ", ".join(f"{name} {entry['rows']:,}" for name, entry in manifest["splits"].items())
+        print(f"{args.out / family}: {family} ({splits})")
+
+
+def cmd_pretrain(args: argparse.Namespace) -> None:
+    from medvlp.training.pretrain import load_pretrain_config, pretrain
+
+    config = load_pretrain_config(config_path(args.config), args.overrides)
+    run_dir = pretrain(config, resume=args.resume)
+    print(f"run folder: {run_dir} (checkpoints/, logs/, pictures/, config.yaml)")
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from medvlp.training.pretrain import load_pretrain_config, pretrain
+
+    overrides = [f"run_dir={args.out / 'pretrain'}", f"data.synthetic_dir={args.out / 'data'}", *args.overrides]
+    config = load_pretrain_config(config_path(args.config), overrides)
+    run_dir = pretrain(config)
+    print(f"checkpoint: {run_dir / 'checkpoints'}\nlogs: {run_dir / 'logs'}\npictures: {run_dir / 'pictures'}")
+
+
+def config_path(name: Path | None) -> Path | None:
+    """A config file, or the name of one shipped with medvlp (``m3ae-tiny``, ``mpma-base``, ...)."""
+    if name is None or name.exists() or name.suffix:
+        return name
+    shipped = Path(__file__).parent / "configs" / f"{name}.yaml"
+    return shipped if shipped.exists() else name
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="medvlp", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"medvlp {__version__}")
@@ -54,11 +90,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="where to write the prepared dataset")
     _config_args(p)
     p.set_defaults(run=cmd_prepare)
+
+    p = sub.add_parser("synth", help="write the built-in synthetic radiology corpus")
+    p.add_argument("--out", type=Path, required=True, help="folder for the four prepared datasets")
+    _config_args(p)
+    p.set_defaults(run=cmd_synth)
+
+    p = sub.add_parser("pretrain", help="pre-train a model (M3AE or MPMA) on image-caption pairs")
+    _config_args(p)
+    p.add_argument("--resume", action="store_true", help="continue the run in run_dir from its last checkpoint")
+    p.set_defaults(run=cmd_pretrain)
+
+    p = sub.add_parser("demo", help="the main job on the built-in synthetic corpus: no downloads, no GPU")
+    p.add_argument("--out", type=Path, default=Path("runs/demo"), help="folder for everything it writes")
+    _config_args(p)
+    p.set_defaults(run=cmd_demo)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # DataLoader workers fork after tokenizing
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     unknown = [a for a in extra if a.startswith("-") or "=" not in a or not hasattr(args, "overrides")]

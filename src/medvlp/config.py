@@ -145,6 +145,20 @@ def load_config(cls: type[T], path: Path | str | None = None, overrides: list[st
     return config
 
 
+def peek(path: Path | str | None, overrides: list[str] | tuple[str, ...], key: str, default: Any) -> Any:
+    """The value a top-level key will have after the file and the overrides (read before the full load, for
+    keys that choose the defaults of the rest, such as a named model size)."""
+    value = default
+    if path is not None and Path(path).is_file():
+        try:
+            value = (yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}).get(key, value)
+        except (yaml.YAMLError, AttributeError):
+            pass  # load_config reports it properly
+    for text in overrides:
+        value = parse_override(text).get(key, value)
+    return value
+
+
 def to_dict(config: Any) -> dict[str, Any]:
     """A plain, YAML-safe mapping of a config (paths as strings, tuples as lists)."""
 

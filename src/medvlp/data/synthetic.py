@@ -59,9 +59,9 @@ another seed.
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import struct
-import sys
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -75,7 +75,8 @@ import numpy as np
 
 from medvlp.config import to_dict
 from medvlp.data.prepare import Example, PrepareConfig, write_prepared
-from medvlp.errors import ConfigError
+from medvlp.data.records import read_manifest
+from medvlp.errors import ConfigError, DataError
 
 FAMILIES = ("pretrain", "vqa", "classification", "retrieval")
 SPLITS = ("train", "val", "test")
@@ -895,7 +896,7 @@ def generate(out: Path, config: SynthConfig, report: Callable[[str], None] | Non
     """Write the four datasets under ``out`` (``out/pretrain``, ``out/vqa``, ``out/classification``,
     ``out/retrieval``); returns their manifests by dataset."""
     config.validate()
-    report = report or (lambda line: print(line, file=sys.stderr))
+    report = report or logging.getLogger("medvlp").info
     out = Path(out)
     tasks = {family: [(family, split, start, min(start + CHUNK, config.count(family, split)), config.seed,
                        config.image_size, config.questions_per_image)
@@ -921,3 +922,15 @@ def generate(out: Path, config: SynthConfig, report: Callable[[str], None] | Non
     finally:
         if pool:
             pool.shutdown(cancel_futures=True)
+
+
+def ensure_corpus(out: Path, config: SynthConfig) -> Path:
+    """``out`` holding the corpus of ``config``: generated unless an identical one is already there."""
+    settings = {k: v for k, v in to_dict(config).items() if k != "workers"}
+    try:
+        if all(read_manifest(out / family)["source"].get("synth") == settings for family in FAMILIES):
+            return out
+    except DataError:
+        pass
+    generate(out, config)
+    return out

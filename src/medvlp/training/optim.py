@@ -1,0 +1,53 @@
+"""Optimiser and schedule, as the papers train: AdamW; the fusion module and heads learn ``head_lr_mult``
+times faster than the pre-trained encoders; no weight decay on biases, norms, embeddings and learned tokens;
+linear warm-up over ``warmup`` of the steps, then linear decay to zero."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from medvlp.errors import ConfigError
+from medvlp.models.model import MedVLP, param_groups
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4  # encoders' learning rate
+    head_lr_mult: float = 5.0  # fusion module and heads
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-8
+    warmup: float = 0.1  # fraction of the steps (or a step count when >= 1)
+    grad_clip: float = 1.0  # 0 turns clipping off
+
+    def validate(self) -> None:
+        if self.lr <= 0 or self.head_lr_mult <= 0:
+            raise ConfigError(f"optim.lr={self.lr}, optim.head_lr_mult={self.head_lr_mult}: both must be > 0")
+        if self.warmup < 0 or self.weight_decay < 0 or self.grad_clip < 0:
+            raise ConfigError("optim.warmup, optim.weight_decay and optim.grad_clip must be >= 0")
+
+
+def build_optimizer(model: MedVLP, config: OptimConfig) -> torch.optim.AdamW:
+    """AdamW over {encoders, fusion + heads} x {decay, no decay} (see ``models.param_groups``)."""
+    groups = param_groups(model, config.lr, config.weight_decay, config.head_lr_mult)
+    fused = all(p.is_cuda for g in groups for p in g["params"]) or None
+    return torch.optim.AdamW(groups, betas=config.betas, eps=config.eps, fused=fused)
+
+
+def warmup_linear(total_steps: int, warmup: float) -> Callable[[int], float]:
+    """Multiplier of the base learning rate at each step: 0 -> 1 over the warm-up, then 1 -> 0."""
+    warmup_steps = int(warmup if warmup >= 1 else round(warmup * total_steps))
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+
+    return factor
+
+
+def build_schedule(optimizer: torch.optim.Optimizer, total_steps: int, warmup: float):
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_linear(total_steps, warmup))
