@@ -28,6 +28,7 @@ def cmd_datasets(args: argparse.Namespace) -> None:
 
     for spec in DATASETS.values():
         print(f"{spec.name:14s} {spec.family:15s} {spec.description}")
+    print(f"{'synthetic_*':14s} {'all four':15s} the built-in synthetic radiology corpus: `medvlp synth --out DIR`")
 
 
 def cmd_prepare(args: argparse.Namespace) -> None:

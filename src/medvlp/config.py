@@ -65,7 +65,7 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
             return value
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping of {hint.__name__} keys, got {value!r}")
-        return merge(hint(), value, where)
+        return merge(hint(), value, where.partition(": ")[0], where.partition(": ")[2])
     if hint is bool:
         if isinstance(value, bool):
             return value
@@ -79,6 +79,11 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
     if hint is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "5e-4" (no point) as text
+            try:
+                return float(value)
+            except ValueError:
+                pass
         raise ConfigError(f"{where}: expected a number, got {value!r}")
     if hint is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
@@ -91,20 +96,21 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
     return value
 
 
-def merge(config: T, values: dict[str, Any], where: str = "config") -> T:
-    """A copy of ``config`` with ``values`` (a nested mapping) applied and type-checked."""
+def merge(config: T, values: dict[str, Any], where: str = "config", prefix: str = "") -> T:
+    """A copy of ``config`` with ``values`` (a nested mapping) applied and type-checked; errors name the
+    source (``where``) and the dotted key."""
     if not isinstance(values, dict):
-        raise ConfigError(f"{where}: expected a mapping, got {values!r}")
+        raise ConfigError(f"{where}: {prefix or 'config'}: expected a mapping, got {values!r}")
     hints = typing.get_type_hints(type(config))
     changes = {}
     for key, value in values.items():
-        field = _known(type(config), str(key), where)
-        label = f"{where}: {key}" if where == "config" else f"{where}.{key}"
+        field = _known(type(config), str(key), f"{where}: {prefix}" if prefix else where)
+        label = f"{prefix}.{key}" if prefix else str(key)
         current = getattr(config, field.name)
         if dataclasses.is_dataclass(current) and isinstance(value, dict):
-            changes[field.name] = merge(current, value, label)
+            changes[field.name] = merge(current, value, where, label)
         else:
-            changes[field.name] = _coerce(value, hints[field.name], label)
+            changes[field.name] = _coerce(value, hints[field.name], f"{where}: {label}")
     return dataclasses.replace(config, **changes)
 
 

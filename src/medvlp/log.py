@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import warnings
 
 
 def setup(level: int = logging.INFO) -> logging.Logger:
@@ -16,3 +17,11 @@ def setup(level: int = logging.INFO) -> logging.Logger:
     logger.setLevel(level)
     logger.propagate = False
     return logger
+
+
+def quiet_lightning() -> None:
+    """Keep Lightning's device banners and tips out of the user's terminal (call after importing lightning,
+    which sets its own log level on import); its warnings still show."""
+    for noisy in ("lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")

@@ -30,6 +30,7 @@ from medvlp.data.records import read_manifest
 from medvlp.data.sampler import StreamSampler
 from medvlp.data.synthetic import SynthConfig, ensure_corpus
 from medvlp.errors import ConfigError, DataError, MedvlpError
+from medvlp.log import quiet_lightning
 from medvlp.models.config import MODEL_SIZES, ModelConfig, model_config
 from medvlp.models.model import MedVLP, build_model
 from medvlp.objectives import itm_batch, itm_loss, mim_loss, mlm_loss
@@ -308,6 +309,7 @@ def pretrain(config: PretrainConfig, *, resume: bool = False, callbacks: Sequenc
     csv = L.pytorch.loggers.CSVLogger(run_dir, name="logs")
     loggers = [csv, L.pytorch.loggers.TensorBoardLogger(run_dir, name="logs", version=csv.version,
                                                         default_hp_metric=False)]
+    quiet_lightning()
     trainer = L.Trainer(
         default_root_dir=run_dir, max_steps=t.max_steps, max_epochs=1, accelerator=t.accelerator,
         devices=t.devices, strategy=t.strategy, num_nodes=t.num_nodes, precision=resolve_precision(t.precision),
