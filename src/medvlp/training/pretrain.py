@@ -117,7 +117,7 @@ def load_pretrain_config(path: Path | str | None = None, overrides: Sequence[str
     """Defaults of the named model size (``model_size``, read first), then the file, then the overrides."""
     size = peek(path, overrides, "model_size", "tiny")
     if size not in SIZE_OPTIM:
-        raise ConfigError(f"unknown model size {size!r}; known sizes: {', '.join(MODEL_SIZES)}")
+        raise ConfigError(f"unknown model size {size!r}; known sizes: {', '.join(sorted(SIZE_OPTIM))}")
     base = PretrainConfig(model_size=size, model=model_config(size), optim=SIZE_OPTIM[size])
     return load_config(PretrainConfig, path, overrides, base=base)
 
