@@ -314,7 +314,7 @@ class Records:
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         table, row = self._records.locate(i)
-        record = {name: table.column(name)[row].as_py() for name in table.column_names}
+        record = table.slice(row, 1).to_pylist()[0]
         images, image_row = self._images.locate(record["image"])
         record["image_bytes"] = images.column("data")[image_row].as_py()
         return record
