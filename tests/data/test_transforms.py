@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from medvlp.data.transforms import CLIP_MEAN, CLIP_STD, EvalTransform, TrainTransform, decode_image, normalize
+from medvlp.data.transforms import EvalTransform, TrainTransform, decode_image
 
 
 def encode(image: Image.Image, fmt: str = "PNG", **options: object) -> bytes:
@@ -173,17 +173,3 @@ def test_random_crop_falls_back_on_elongated_images() -> None:
     left, top, right, bottom = TrainTransform(32).crop_box((1000, 10), random.Random(0))
     assert (bottom - top, right - left) == (10, 13)  # full height, widest allowed ratio (4/3), centred
     assert left == (1000 - 13) // 2
-
-
-# --- normalize -------------------------------------------------------------------------------------------------
-
-
-def test_normalize_matches_the_formula() -> None:
-    pixels = torch.from_numpy(noise(2 * 3 * 5, 7).reshape(2, 3, 5, 7))
-    mean, std = torch.tensor(CLIP_MEAN).view(3, 1, 1), torch.tensor(CLIP_STD).view(3, 1, 1)
-    out = normalize(pixels)
-    assert out.dtype == torch.float32 and out.shape == pixels.shape
-    torch.testing.assert_close(out, (pixels.float() / 255 - mean) / std)
-    assert normalize(pixels[0], dtype=torch.bfloat16).dtype == torch.bfloat16
-    with pytest.raises(TypeError, match="uint8"):
-        normalize(pixels.float())

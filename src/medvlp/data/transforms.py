@@ -5,7 +5,7 @@ Pipeline: encoded bytes → ``decode_image`` (a PIL image in mode "L" or "RGB") 
 Grey images stay one channel until the very end and become three channels by ``expand``; the returned tensor
 may be a view (grey: expanded; RGB: channels-last strides), so do not write into it in place: the collator's
 ``torch.stack`` materialises the batch. Normalisation is not done here: the model normalises uint8 batches on
-its own device with ``normalize`` (CLIP mean/std), which also keeps worker → main-process transfers 4x smaller.
+its own device (``MedVLP.normalize``, CLIP mean/std), which also keeps worker → main-process transfers 4x smaller.
 
 No horizontal flip: captions and answers name sides ("left lower lobe"), and a flip would make them false.
 """
@@ -160,18 +160,6 @@ def _crop_resize(image: Image.Image, box: tuple[int, int, int, int], size: int) 
     if crop.shape[-2:] != (size, size):
         crop = F.interpolate(crop, size=(size, size), mode="bicubic", antialias=True)
     return crop[0].expand(3, -1, -1)  # grey: three views of the one channel; RGB: unchanged
-
-
-def normalize(pixels: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """``uint8 [..., 3, H, W]`` (any batch shape, any device) → ``(pixels / 255 - CLIP_MEAN) / CLIP_STD``."""
-    if pixels.dtype != torch.uint8:
-        raise TypeError(f"normalize expects uint8 pixels, got {pixels.dtype}")
-    if pixels.ndim < 3 or pixels.shape[-3] != 3:
-        raise ValueError(f"normalize expects pixels shaped [..., 3, H, W], got {tuple(pixels.shape)}")
-    std = torch.tensor(CLIP_STD, dtype=torch.float32, device=pixels.device).view(3, 1, 1)
-    mean = torch.tensor(CLIP_MEAN, dtype=torch.float32, device=pixels.device).view(3, 1, 1)
-    # (x / 255 - mean) / std == x * (1 / (255 std)) - mean / std, computed in place on the one float copy.
-    return pixels.to(torch.float32).mul_(1.0 / (255.0 * std)).sub_(mean / std).to(dtype)
 
 
 def worker_seed(seed: int) -> int:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from medvlp.data.transforms import CLIP_MEAN, CLIP_STD
 from medvlp.models.config import ModelConfig
 from medvlp.models.encoders import (ImageEncoding, Masking, build_text_encoder, build_vision_encoder,
                                     random_masking)
@@ -24,8 +25,6 @@ __all__ = ["CLIP_MEAN", "CLIP_STD", "MedVLP", "MedVLPOutput", "build_model", "no
 
 IGNORE_INDEX = -100  # label of the text positions MLM does not predict
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 # ----------------------------------------------------------------------------------------------------------------
