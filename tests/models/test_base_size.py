@@ -34,8 +34,11 @@ def test_base_parameter_count_matches_the_arithmetic():
           linear(1536, 384) 590,208, 2 LN 1,536] = 4 * 1,774,464 = 7,097,856
         + LN 768 + predict linear(384, 16*16*3) 295,680                           = 7,689,984
       ITM: linear(1536, 2) = 3,074
-      heads total                                                                 = 8,335,451
-    Total: 85,897,728 + 124,055,040 + 115,785,216 + 8,335,451                    = 334,073,435
+      alignment (MPMA, E = 256): image and text projections without bias 2 * 768*256 = 393,216
+        + logit scale 1                                                           = 393,217
+      heads total                                                                 = 8,728,668
+    Total: 85,897,728 + 124,055,040 + 115,785,216 + 8,728,668                    = 334,466,652
+    (M3AE's model, without the alignment head: 334,073,435.)
     """
     linear = lambda a, b: a * b + b  # noqa: E731
     w, ln = 768, 2 * 768
@@ -49,7 +52,8 @@ def test_base_parameter_count_matches_the_arithmetic():
     mim = linear(w, d) + d + 4 * block + 2 * d + linear(d, 16 * 16 * 3)
     mlm = linear(w, w) + ln + 50265
     itm = linear(2 * w, 2)
-    assert (vision, text, fusion, mlm + mim + itm) == (85_897_728, 124_055_040, 115_785_216, 8_335_451)
+    align = 2 * w * 256 + 1
+    assert (vision, text, fusion, mlm + mim + itm + align) == (85_897_728, 124_055_040, 115_785_216, 8_728_668)
 
     with torch.device("meta"):  # shapes only: no memory, no random numbers
         model = build_model(model_config("base"))
@@ -58,5 +62,5 @@ def test_base_parameter_count_matches_the_arithmetic():
     assert _count(model.text) == text
     assert _count(model.fusion) == fusion
     assert _count(model.mlm_head) - 50265 * w == mlm  # its count includes the (shared) word table
-    assert _count(model.mim_decoder) == mim and _count(model.itm_head) == itm
-    assert _count(model) == 334_073_435
+    assert _count(model.mim_decoder) == mim and _count(model.itm_head) == itm and _count(model.align_head) == align
+    assert _count(model) == 334_466_652 == 334_073_435 + align

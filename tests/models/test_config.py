@@ -16,6 +16,7 @@ def test_base_is_the_papers_model():
     assert (cfg.mim_decoder.hidden_size, cfg.mim_decoder.num_layers, cfg.mim_decoder.num_heads) == (384, 4, 6)
     assert (cfg.image_size, cfg.patch_size, cfg.image_mask_ratio, cfg.text_mask_ratio) == (288, 16, 0.75, 0.15)
     assert cfg.mim_layer == 3 and cfg.mlm_layer_index == 6 and cfg.norm_pix_loss and cfg.memory_slots == 0
+    assert (cfg.embed_dim, cfg.temperature) == (256, 0.07)
 
 
 def test_tiny_reads_the_middle_fusion_layer():
@@ -49,6 +50,9 @@ def test_unknown_size_names_the_known_ones():
     ({"mim_layer": -1}, "mim_layer"),
     ({"mlm_layer": 7}, "mlm_layer"),
     ({"memory_slots": -2}, "memory_slots"),
+    ({"embed_dim": 0}, "embed_dim"),
+    ({"temperature": 0.0}, "temperature"),
+    ({"temperature": -0.07}, "temperature"),
     ({"text": {"vocab_size": 0}}, "vocab_size"),
     ({"text": {"pad_token_id": 5000}}, "pad_token_id"),
     ({"image_sise": 64}, "image_sise"),

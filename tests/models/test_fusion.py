@@ -1,4 +1,5 @@
-"""Co-attention fusion: padding is invisible, streams do see each other, the memory starts as an identity."""
+"""Co-attention fusion: padding is invisible, streams do see each other, the memory starts as an identity and
+costs exactly the parameters worked out by hand."""
 
 import torch
 
@@ -86,3 +87,15 @@ def test_memory_is_read_once_it_has_learned_something():
     fusion = _fusion(memory_slots=8).train()
     fusion(*inputs).joint.square().sum().backward()
     assert fusion.text_memory[0].attn.out.weight.grad.abs().sum() > 0
+
+
+def test_memory_adds_exactly_the_expected_parameters():
+    """With W = width, S = slots, N = fusion layers and M = memory matrices (1 shared, or N per layer):
+    extra = M * S * W (the memory) + 2 streams * N layers * 4 linear(W, W) (the read-out's q, k, v, out)
+          = M*S*W + 8*N*(W*W + W).  Here W = 32, S = 8, N = 3: 256 * M + 25,344."""
+    count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
+    base = count(CoAttentionFusion(CFG, 24, 40))
+    w, s, n = CFG.hidden_size, 8, CFG.num_layers
+    for per_layer, memories in ((False, 1), (True, n)):
+        extra = count(CoAttentionFusion(CFG, 24, 40, memory_slots=s, memory_per_layer=per_layer)) - base
+        assert extra == memories * s * w + 8 * n * (w * w + w) == 256 * memories + 25_344

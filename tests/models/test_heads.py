@@ -1,11 +1,12 @@
-"""Heads: sine-cosine positions, the MIM decoder's un-shuffle, MLM weight tying, patchify."""
+"""Heads: sine-cosine positions, the MIM decoder's un-shuffle, MLM weight tying, patchify, the alignment head."""
 
 import math
 
 import pytest
 import torch
 
-from medvlp.models import MIMDecoder, MIMDecoderConfig, MLMHead, patchify, random_masking, sincos_2d, unpatchify
+from medvlp.models import (AlignmentHead, MIMDecoder, MIMDecoderConfig, MLMHead, patchify, random_masking,
+                           sincos_2d, unpatchify)
 
 
 def test_sincos_2d_values_by_hand():
@@ -62,3 +63,18 @@ def test_patchify_layout_and_round_trip():
     block = images[1, :, 2:4, 2:4].permute(1, 2, 0).reshape(-1)
     assert torch.equal(patches[1, 4], block)
     assert torch.equal(unpatchify(patches, 2, (2, 3)), images)
+
+
+def test_alignment_head_normalises_any_number_of_tokens_and_clamps_its_scale():
+    head = AlignmentHead(image_width=12, text_width=20, embed_dim=8, temperature=0.05)
+    assert head.image_proj.bias is None and head.text_proj.bias is None
+    image, text = head.embed_image(torch.randn(3, 5, 12)), head.embed_text(torch.randn(3, 7, 20))
+    assert image.shape == (3, 5, 8) and text.shape == (3, 7, 8)
+    torch.testing.assert_close(image.norm(dim=-1), torch.ones(3, 5))
+    torch.testing.assert_close(head.embed_image(torch.randn(4, 12)).norm(dim=-1), torch.ones(4))
+    assert head.scale().item() == pytest.approx(20.0)
+    with torch.no_grad():
+        head.logit_scale.fill_(10.0)
+    assert head.scale().item() == pytest.approx(100.0)
+    with pytest.raises(ValueError):
+        AlignmentHead(12, 20, embed_dim=8, temperature=0.0)

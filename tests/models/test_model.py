@@ -1,10 +1,14 @@
-"""MedVLP end to end: shapes, which layer each head reads, padding, image sizes, bf16, parameter groups."""
+"""MedVLP end to end: shapes, which layer each head reads, padding, image sizes, bf16, parameter groups, and
+MPMA's alignment outputs, retrieval embeddings and ITM on reused encoder states."""
+
+import dataclasses
 
 import pytest
 import torch
 
 from medvlp.models import CLIP_MEAN, CLIP_STD, build_model, model_config, normalize_pixels, param_groups
-from medvlp.objectives import itm_batch, itm_loss, mim_loss, mlm_loss
+from medvlp.objectives import (hard_negatives, itc_loss, itm_batch, itm_loss, local_alignment_loss, mim_loss,
+                               mlm_loss)
 
 VOCAB = 300
 
@@ -96,15 +100,20 @@ def test_padding_is_invisible_to_the_whole_model(model):
         padded[key] = torch.where(mask.bool(), ids, garbage)
     padded["attention_mask"] = mask
     padded["mlm_labels"] = torch.cat([batch["mlm_labels"], torch.full((4, extra), -100)], 1)
-    kwargs = dict(mask_text=True, mask_image=True, itm=True)
+    kwargs = dict(mask_text=True, mask_image=True, itm=True, align=True)
     a = model(batch, generator=torch.Generator().manual_seed(3), **kwargs)
     b = model(padded, generator=torch.Generator().manual_seed(3), **kwargs)
     real = batch["attention_mask"].bool()
     torch.testing.assert_close(b.text_features[:, :12][real], a.text_features[real], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(b.word_embeds[:, :12][real], a.word_embeds[real], atol=1e-5, rtol=1e-5)
     for x, y in zip(a.text_states, b.text_states, strict=True):
         torch.testing.assert_close(y[:, :12][real], x[real], atol=1e-5, rtol=1e-5)
-    for name in ("mlm_logits", "mim_pred", "itm_logits", "joint", "image_features"):
+    for name in ("mlm_logits", "mim_pred", "itm_logits", "joint", "image_features", "image_embed", "text_embed",
+                 "patch_embeds"):
         torch.testing.assert_close(getattr(b, name), getattr(a, name), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(itc_loss(b)[0], itc_loss(a)[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(local_alignment_loss(b, padded)[0], local_alignment_loss(a, batch)[0], atol=1e-5,
+                               rtol=1e-5)
 
 
 def test_a_model_built_at_64_runs_at_96(model):
@@ -129,8 +138,10 @@ def test_three_m3ae_passes_in_bf16_autocast_train_and_give_finite_losses():
     assert 0 <= mlm_metrics["accuracy"] <= 1 and 0 <= itm_metrics["accuracy"] <= 1
     total.backward()
     grads = {name: p.grad for name, p in model.named_parameters()}
-    assert all(g is not None and torch.isfinite(g).all() for g in grads.values()), \
-        [n for n, g in grads.items() if g is None]
+    m3ae = {name: g for name, g in grads.items() if not name.startswith("align_head.")}  # M3AE has no alignment
+    assert all(g is not None and torch.isfinite(g).all() for g in m3ae.values()), \
+        [n for n, g in m3ae.items() if g is None]
+    assert all(grads[name] is None for name in grads if name not in m3ae)
 
 
 def test_param_groups_split_encoders_from_fusion_and_heads(model):
@@ -144,11 +155,14 @@ def test_param_groups_split_encoders_from_fusion_and_heads(model):
     named = dict(model.named_parameters())
     for name in ("mim_decoder.mask_token", "fusion.modality.weight", "vision.model.embeddings.class_embedding",
                  "text.model.embeddings.word_embeddings.weight", "fusion.text_layers.0.ffn_norm.weight",
-                 "mim_decoder.blocks.0.self_attn.in_proj_bias", "itm_head.fc.bias"):
+                 "mim_decoder.blocks.0.self_attn.in_proj_bias", "itm_head.fc.bias", "align_head.logit_scale"):
         assert id(named[name]) in no_decay, name
     for name in ("fusion.text_layers.0.ffn.0.weight", "vision.model.embeddings.patch_embedding.weight",
-                 "mim_decoder.blocks.0.self_attn.in_proj_weight", "itm_head.fc.weight"):
+                 "mim_decoder.blocks.0.self_attn.in_proj_weight", "itm_head.fc.weight", "align_head.image_proj.weight",
+                 "align_head.text_proj.weight"):
         assert id(named[name]) not in no_decay, name
+    head = {id(p) for g in ("head", "head_no_decay") for p in groups[g]["params"]}
+    assert all(id(p) in head for n, p in named.items() if n.startswith("align_head."))  # 5x lr, like the heads
     encoder = {id(p) for g in ("encoder", "encoder_no_decay") for p in groups[g]["params"]}
     assert all((id(p) in encoder) == n.startswith(("vision.", "text.")) for n, p in named.items())
 
@@ -173,3 +187,81 @@ def test_a_few_steps_on_one_batch_lower_all_three_losses():
         optimiser.step()
     last = [x.item() for x in losses()]
     assert all(b < a for a, b in zip(first, last, strict=True)), (first, last)
+
+
+# -- MPMA: alignment, retrieval embeddings, ITM on reused encoder states -----------------------------------------
+
+
+def test_align_gives_unit_embeddings_of_this_pass_and_the_initial_scale(model):
+    batch = make_batch()
+    plain = model(batch)
+    assert plain.image_embed is None and plain.word_embeds is None and plain.logit_scale is None
+    out = model(batch, align=True)
+    assert out.image_embed.shape == (4, 128) and out.text_embed.shape == (4, 128)  # tiny: embed_dim 128
+    assert out.patch_embeds.shape == (4, 16, 128) and out.word_embeds.shape == (4, 12, 128)
+    for name in ("image_embed", "text_embed", "patch_embeds", "word_embeds"):
+        norms = getattr(out, name).norm(dim=-1)
+        torch.testing.assert_close(norms, torch.ones_like(norms))
+    assert out.logit_scale.shape == () and out.logit_scale.item() == pytest.approx(1 / 0.07, rel=1e-5)
+    torch.testing.assert_close(out.word_embeds[:, 0], out.text_embed)
+    masked = model(batch, mask_image=True, mask_text=True, align=True)
+    assert masked.patch_embeds.shape == (4, 4, 128)  # the visible patches of this pass
+    assert not torch.allclose(masked.word_embeds, out.word_embeds)  # the masked text of this pass
+
+
+def test_logit_scale_is_clamped_at_100():
+    torch.manual_seed(0)
+    model = build_model(model_config("tiny", text={"vocab_size": VOCAB}, temperature=0.001)).eval()
+    assert model.align_head.logit_scale.item() == pytest.approx(6.9078, abs=1e-4)  # log(1000), the raw value
+    assert model(make_batch(batch=3), align=True).logit_scale.item() == pytest.approx(100.0, rel=1e-5)
+
+
+def test_retrieval_embeddings_equal_the_unmasked_forward(model):
+    batch = make_batch()
+    out = model(batch, align=True)
+    torch.testing.assert_close(model.embed_image(batch["pixels"]), out.image_embed)
+    torch.testing.assert_close(model.embed_text(batch["input_ids"], batch["attention_mask"]), out.text_embed)
+    # zero-shot retrieval: similarity of every text with every image
+    assert (model.embed_text(batch["input_ids"], batch["attention_mask"]) @ out.image_embed.T).shape == (4, 4)
+
+
+def test_match_reuses_encoder_states_for_itm(model):
+    batch = make_batch()
+    out = model(batch, itm=True, align=True)
+    mask = batch["attention_mask"]
+    torch.testing.assert_close(model.match(out.text_features, mask, out.image_features), out.itm_logits)
+    donors = hard_negatives(out.logit_scale * out.text_embed @ out.image_embed.T, torch.Generator().manual_seed(0))
+    assert not (donors == torch.arange(4)).any()
+    swapped = model({**batch, "pixels": batch["pixels"][donors]}, itm=True)
+    torch.testing.assert_close(model.match(out.text_features, mask, out.image_features[donors]), swapped.itm_logits,
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_one_mpma_pass_with_alignment_and_hard_negative_itm_trains_in_bf16():
+    """Paired masking, ITC, local alignment and ITM with hard negatives from the same encoder states."""
+    torch.manual_seed(0)
+    model = build_model(model_config("tiny", text={"vocab_size": VOCAB}, memory_slots=4)).train()
+    batch = make_batch(batch=6)
+    g = torch.Generator().manual_seed(0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(batch, mask_image=True, mask_text=True, align=True, generator=g)
+        parts = [mlm_loss(out, batch)[0], mim_loss(out, batch)[0], itc_loss(out)[0],
+                 local_alignment_loss(out, batch)[0]]
+        with torch.no_grad():
+            sim = out.logit_scale * out.text_embed @ out.image_embed.T
+        image_donors, text_donors = hard_negatives(sim, g), hard_negatives(sim.T, g)
+        mask = batch["attention_mask"]
+        logits = torch.cat([
+            model.match(out.text_features, mask, out.image_features),
+            model.match(out.text_features, mask, out.image_features[image_donors]),
+            model.match(out.text_features[text_donors], mask[text_donors], out.image_features),
+        ])
+        labels = torch.cat([torch.ones(6, dtype=torch.long), torch.zeros(12, dtype=torch.long)])
+        itm, _ = itm_loss(dataclasses.replace(out, itm_logits=logits), {"itm_labels": labels})
+        parts.append(itm)
+    assert all(torch.isfinite(x) and x.dtype == torch.float32 for x in parts)
+    sum(parts).backward()
+    head = model.align_head
+    assert head.logit_scale.grad is not None and head.image_proj.weight.grad.abs().sum() > 0
+    assert head.text_proj.weight.grad.abs().sum() > 0 and model.itm_head.fc.weight.grad.abs().sum() > 0
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)

@@ -82,6 +82,10 @@ class ModelConfig:
       fusion layer its own memory matrix instead of one shared by all layers (both streams always share).
     - ``tie_mlm_weights``: tie the MLM projection to the text word embeddings (only possible when the text
       encoder and the fusion have the same width; otherwise the head has its own projection).
+    - ``embed_dim``: width of MPMA's contrastive embedding space (global and local alignment), into which both
+      encoders are projected. The paper does not give it; 256 is ALBEF's choice (the M3AE/ALBEF lineage).
+    - ``temperature``: initial temperature of the alignment losses (CLIP's 0.07); it is learned, as
+      ``logit_scale = log(1 / temperature)``, and used clamped to at least 0.01 (CLIP's rule).
     """
 
     vision: VisionConfig = field(default_factory=VisionConfig)
@@ -98,6 +102,8 @@ class ModelConfig:
     memory_slots: int = 0
     memory_per_layer: bool = False
     tie_mlm_weights: bool = True
+    embed_dim: int = 256
+    temperature: float = 0.07
 
     @property
     def grid_size(self) -> int:
@@ -154,6 +160,10 @@ class ModelConfig:
                               "for the last layer")
         if self.memory_slots < 0:
             raise ConfigError(f"model.memory_slots = {self.memory_slots} must be 0 (off) or positive")
+        if self.embed_dim <= 0:
+            raise ConfigError(f"model.embed_dim = {self.embed_dim} must be positive")
+        if not self.temperature > 0.0:
+            raise ConfigError(f"model.temperature = {self.temperature} must be positive")
         if not 0.0 <= self.text.dropout < 1.0 or not 0.0 <= self.fusion.dropout < 1.0:
             raise ConfigError("model.text.dropout and model.fusion.dropout must lie in [0, 1)")
         if not 0 <= self.text.pad_token_id < self.text.vocab_size:
@@ -178,6 +188,7 @@ MODEL_SIZES: dict[str, ModelConfig] = {
         image_size=64,
         patch_size=16,
         mim_layer=1,
+        embed_dim=128,
     ),
 }
 

@@ -1,10 +1,12 @@
-"""Heads on top of the fusion module: poolers, the MLM head, the MIM pixel decoder and the ITM head."""
+"""Heads: poolers, the MLM head, the MIM pixel decoder, the ITM head (on the fusion module) and MPMA's alignment
+head (on the unimodal encoders)."""
 
 from __future__ import annotations
 
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from medvlp.models.config import MIMDecoderConfig
@@ -138,3 +140,40 @@ class ITMHead(nn.Module):
 
     def forward(self, joint: Tensor) -> Tensor:
         return self.fc(joint)
+
+
+MAX_LOGIT_SCALE = math.log(100.0)
+"""CLIP's rule: the learned log-scale is used clamped to at most log(100), i.e. a temperature of at least 0.01."""
+
+
+class AlignmentHead(nn.Module):
+    """MPMA's global and local alignment: project both encoders into one ``embed_dim``-wide space, L2-normalise.
+
+    One bias-free linear per modality (CLIP's projections, initialised like CLIP's: N(0, width**-0.5)) maps any
+    number of tokens at once, so the class token (global alignment) and the patch / word tokens (local
+    alignment) share the projection. ``logit_scale`` is the learned log of the inverse temperature, starting at
+    ``log(1 / temperature)``; ``scale()`` returns ``exp`` of it clamped to at most 100.
+    """
+
+    def __init__(self, image_width: int, text_width: int, embed_dim: int, temperature: float = 0.07) -> None:
+        super().__init__()
+        if embed_dim <= 0 or temperature <= 0:
+            raise ValueError(f"embed_dim ({embed_dim}) and temperature ({temperature}) must be positive")
+        self.embed_dim = embed_dim
+        self.image_proj = nn.Linear(image_width, embed_dim, bias=False)
+        self.text_proj = nn.Linear(text_width, embed_dim, bias=False)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / temperature)))
+        nn.init.normal_(self.image_proj.weight, std=image_width ** -0.5)
+        nn.init.normal_(self.text_proj.weight, std=text_width ** -0.5)
+
+    def embed_image(self, states: Tensor) -> Tensor:
+        """Vision states [..., Dv] -> unit-length embeddings [..., E] (every token; the caller slices)."""
+        return F.normalize(self.image_proj(states), dim=-1)
+
+    def embed_text(self, states: Tensor) -> Tensor:
+        """Text states [..., Dt] -> unit-length embeddings [..., E]."""
+        return F.normalize(self.text_proj(states), dim=-1)
+
+    def scale(self) -> Tensor:
+        """The multiplier of cosine similarities: ``exp(min(logit_scale, log 100))``, a scalar tensor."""
+        return self.logit_scale.clamp(max=MAX_LOGIT_SCALE).exp()

@@ -1,7 +1,8 @@
-"""``MedVLP``: encoders, co-attention fusion and the pre-training heads, tied together (M3AE; MPMA hooks).
+"""``MedVLP``: encoders, co-attention fusion and the pre-training heads, tied together (M3AE and MPMA).
 
 Reads top to bottom: pixel normalisation, patchify/unpatchify, masking, ``encode_image``, ``encode_text``,
-``fuse``, ``forward``. The model computes no losses; ``medvlp.objectives`` turns its outputs into losses.
+``fuse``, ``match``, ``embed_image`` / ``embed_text``, ``forward``. The model computes no losses;
+``medvlp.objectives`` turns its outputs into losses.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from medvlp.models.config import ModelConfig
 from medvlp.models.encoders import (ImageEncoding, Masking, build_text_encoder, build_vision_encoder,
                                     random_masking)
 from medvlp.models.fusion import CoAttentionFusion, FusionOutput
-from medvlp.models.heads import ITMHead, MIMDecoder, MLMHead
+from medvlp.models.heads import AlignmentHead, ITMHead, MIMDecoder, MLMHead
 
 __all__ = ["CLIP_MEAN", "CLIP_STD", "MedVLP", "MedVLPOutput", "build_model", "normalize_pixels", "param_groups",
            "patchify", "random_masking", "unpatchify"]
@@ -71,6 +72,11 @@ class MedVLPOutput:
     - ``mlm_logits`` [M, V]: only at the M positions to predict (``mlm_positions`` = ``mlm_labels != -100``,
       row-major order), because the vocabulary projection of every token would dominate the step's cost.
     - ``mim_pred`` [B, N, patch_size**2 * 3] for every patch (the loss keeps the dropped ones); ``itm_logits`` [B, 2].
+    - Alignment (``align=True``), all unit-length projections of *this pass's* unimodal encoder outputs (so of
+      the visible patches and of the masked text when the pass masks): ``image_embed`` [B, E] (class token),
+      ``text_embed`` [B, E] (first text token), ``patch_embeds`` [B, K, E] (every visible patch),
+      ``word_embeds`` [B, L, E] (every text position, padding included: losses mask it with the batch's
+      ``attention_mask``), and ``logit_scale``, the clamped multiplier of cosine similarities (a scalar).
     """
 
     text_features: Tensor
@@ -81,6 +87,11 @@ class MedVLPOutput:
     mlm_logits: Tensor | None = None
     mim_pred: Tensor | None = None
     itm_logits: Tensor | None = None
+    image_embed: Tensor | None = None
+    text_embed: Tensor | None = None
+    patch_embeds: Tensor | None = None
+    word_embeds: Tensor | None = None
+    logit_scale: Tensor | None = None
 
     @property
     def text_cls(self) -> Tensor:
@@ -117,7 +128,7 @@ class MedVLPOutput:
 
 
 class MedVLP(nn.Module):
-    """Vision encoder, text encoder, co-attention fusion, and the MLM / MIM / ITM heads.
+    """Vision encoder, text encoder, co-attention fusion, the MLM / MIM / ITM heads and the alignment head.
 
     ``self.cfg`` is the config with the encoders' architecture numbers read back from what was actually built
     (a pretrained checkpoint decides its own sizes).
@@ -135,6 +146,8 @@ class MedVLP(nn.Module):
         self.mlm_head = MLMHead(width, self.text.vocab_size, self.text.word_embeddings.weight if tie else None)
         self.mim_decoder = MIMDecoder(width, cfg.mim_decoder, cfg.patch_size)
         self.itm_head = ITMHead(2 * width)
+        self.align_head = AlignmentHead(self.vision.hidden_size, self.text.hidden_size, cfg.embed_dim,
+                                        cfg.temperature)
         self.register_buffer("pixel_mean", torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(CLIP_STD).view(1, 3, 1, 1), persistent=False)
 
@@ -166,16 +179,38 @@ class MedVLP(nn.Module):
     def fuse(self, text_states: Tensor, attention_mask: Tensor, image_states: Tensor) -> FusionOutput:
         return self.fusion(text_states, attention_mask.to(text_states.device), image_states)
 
+    def match(self, text_features: Tensor, attention_mask: Tensor, image_features: Tensor) -> Tensor:
+        """ITM logits [B, 2] for given encoder states, without encoding again: fuse, then the ITM head.
+
+        For negatives that reuse the paired pass, index its states: ``match(out.text_features, mask,
+        out.image_features[donors])`` pairs every text with the image of ``donors`` (see
+        ``objectives.hard_negatives``).
+        """
+        return self.itm_head(self.fuse(text_features, attention_mask, image_features).joint)
+
+    # -- embeddings for zero-shot retrieval -----------------------------------------------------------------------
+
+    def embed_image(self, pixels: Tensor) -> Tensor:
+        """uint8 pixels -> unit-length global image embeddings [B, E] (unmasked vision encoder, no fusion)."""
+        return self.align_head.embed_image(self.encode_image(pixels).cls)
+
+    def embed_text(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """Token ids [B, L] -> unit-length global text embeddings [B, E] (text encoder only, no fusion)."""
+        return self.align_head.embed_text(self.encode_text(input_ids, attention_mask)[:, 0])
+
     # -- one pass -------------------------------------------------------------------------------------------------
 
     def forward(self, batch: Mapping[str, Tensor], *, mask_image: bool = False, mask_text: bool = False,
-                itm: bool = False, generator: torch.Generator | None = None) -> MedVLPOutput:
+                itm: bool = False, align: bool = False, generator: torch.Generator | None = None) -> MedVLPOutput:
         """One pass over a batch; each head runs only when its task asks for it.
 
         - ``mask_image``: drop ``image_mask_ratio`` of the patches and predict their pixels (MIM).
         - ``mask_text``: read ``mlm_input_ids`` instead of ``input_ids`` and predict the words where
           ``mlm_labels != -100`` (MLM).
         - ``itm``: score the pairs with the ITM head (swap images beforehand with ``objectives.itm_batch``).
+        - ``align``: project the unimodal encoder outputs of this pass into the alignment space (global and
+          token-level embeddings and the logit scale; see ``MedVLPOutput``) for ``objectives.itc_loss`` and
+          ``objectives.local_alignment_loss``. One linear per modality over the whole sequence.
 
         M3AE runs three passes per step (``mask_text``; ``mask_image``; ``itm`` on a swapped batch); MPMA's
         paired masking is one pass with ``mask_image`` and ``mask_text`` together.
@@ -194,6 +229,12 @@ class MedVLP(nn.Module):
             out.mim_pred = self.mim_decoder(fused.image_states[self.cfg.mim_layer], image.masking.ids_restore, grid)
         if itm:
             out.itm_logits = self.itm_head(fused.joint)
+        if align:
+            image_tokens = self.align_head.embed_image(image.states)
+            text_tokens = self.align_head.embed_text(text)
+            out.image_embed, out.patch_embeds = image_tokens[:, 0], image_tokens[:, 1:]
+            out.text_embed, out.word_embeds = text_tokens[:, 0], text_tokens
+            out.logit_scale = self.align_head.scale()
         return out
 
 
@@ -222,11 +263,12 @@ def build_model(cfg: ModelConfig) -> MedVLP:
 # ----------------------------------------------------------------------------------------------------------------
 
 ENCODER_PREFIXES = ("vision.", "text.")
-_NO_DECAY_NAMES = {"class_embedding", "mask_token", "memory"}
+_NO_DECAY_NAMES = {"class_embedding", "mask_token", "memory", "logit_scale"}
 
 
 def _no_decay(model: nn.Module, name: str) -> bool:
-    """Biases, norms, embedding tables, class/mask tokens and the memory matrix get no weight decay."""
+    """Biases, norms, embedding tables, class/mask tokens, the memory matrix and the alignment's learned
+    temperature (``logit_scale``) get no weight decay."""
     module_name, _, param_name = name.rpartition(".")
     module = model.get_submodule(module_name) if module_name else model
     return (param_name.endswith("bias") or param_name in _NO_DECAY_NAMES

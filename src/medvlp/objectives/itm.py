@@ -1,4 +1,14 @@
-"""Image-text matching: swap half of the batch's images, classify matched vs not."""
+"""Image-text matching: classify matched vs not.
+
+Two ways to build the pairs:
+
+- M3AE: ``itm_batch`` swaps half of the batch's images and the swapped batch gets its own forward pass.
+- MPMA (hard negatives, no extra encoding): reuse the encoder states of the paired pass. With
+  ``donors = hard_negatives(sim)`` (or ``random_negatives``) for the texts, the positives are
+  ``model.match(text, mask, image)`` and the negatives ``model.match(text, mask, image[donors])`` (and, for
+  negative texts per image, ``model.match(text[donors_t], mask[donors_t], image)``); concatenate the logits
+  and pass ``{"itm_labels": cat(ones, zeros)}`` to ``itm_loss``.
+"""
 
 from __future__ import annotations
 
@@ -39,7 +49,11 @@ def itm_batch(batch: Mapping[str, Tensor], generator: torch.Generator | None = N
 
 
 def itm_loss(outputs: MedVLPOutput, batch: Mapping[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
-    """Cross-entropy of the ITM logits against ``batch["itm_labels"]`` (from ``itm_batch``); metric ``accuracy``."""
+    """Cross-entropy of the ITM logits [N, 2] against ``batch["itm_labels"]`` [N]; metric ``accuracy``.
+
+    Only ``itm_labels`` is read from ``batch``: it comes from ``itm_batch``, or the caller builds it to match
+    logits it concatenated (positives then negatives, say), so ``N`` may differ from the batch size.
+    """
     logits = outputs.itm_logits
     if logits is None:
         raise ValueError("itm_loss needs ITM logits: run the model with itm=True")
