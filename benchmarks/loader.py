@@ -5,6 +5,7 @@ dataset, then reads batches of 64 with 2 workers: decode, random resized crop, w
 tokenisation, collation. Prints samples/s over the timed batches (after warm-up).
 
     python benchmarks/loader.py [--data DIR] [--image-size 288] [--batch-size 64] [--workers 2] [--batches 40]
+                                [--image-cache-mb 128]   # 0: decode every sample's image afresh
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--batches", type=int, default=40)
     parser.add_argument("--warmup", type=int, default=4)
+    parser.add_argument("--image-cache-mb", type=float, default=128, help="decoded images kept per worker")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -45,7 +47,8 @@ def main() -> None:
                       "classification": "text"}[records.family]
         texts = [t if isinstance(t, str) else t[0] for t in records.column(text_field)]
         tokenizer = train_tokenizer(texts, Path(tmp) / "tokenizer", vocab_size=2048)
-        dataset = FamilyDataset(data, args.split, args.image_size, train=True)
+        dataset = FamilyDataset(data, args.split, args.image_size, train=True,
+                                image_cache_mb=args.image_cache_mb)
         total = args.warmup + args.batches
         sampler = StreamSampler(len(dataset), args.batch_size, total)
         loader = make_loader(dataset, Collator(tokenizer, max_length=64, mlm_probability=0.15),
@@ -59,7 +62,8 @@ def main() -> None:
         elapsed = time.perf_counter() - start
         # the batch read at i == warmup started the clock, so count the batches after it
         print(f"data: {data} ({records.family}, split {args.split}, {len(dataset):,} records)")
-        print(f"batch {args.batch_size}, {args.workers} workers, image {args.image_size}px, whole-word MLM")
+        print(f"batch {args.batch_size}, {args.workers} workers, image {args.image_size}px, whole-word MLM, "
+              f"decoded-image cache {args.image_cache_mb:g} MB per worker")
         print(f"loader throughput: {samples / elapsed:,.0f} samples/s over {args.batches - 1} batches")
 
 

@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerFast
 
-from medvlp.data.collate import IGNORE_INDEX, Collator
+from medvlp.data.collate import IGNORE_INDEX, Collator, stack_images
 from medvlp.data.tokenizer import train_tokenizer
 from medvlp.errors import ConfigError
 
@@ -59,6 +59,15 @@ def test_padding_and_attention_mask(tokenizer: PreTrainedTokenizerFast) -> None:
         assert torch.all(batch["attention_mask"][row, length:] == 0)
     assert "mlm_input_ids" not in batch and "mlm_labels" not in batch
     assert batch["pixels"].shape == (3, 3, 4, 4) and batch["pixels"].dtype == torch.uint8
+
+
+def test_grey_batches_stay_one_channel_and_mixed_ones_become_rgb() -> None:
+    grey = [torch.full((1, 2, 2), i, dtype=torch.uint8) for i in range(3)]
+    assert stack_images(grey).shape == (3, 1, 2, 2)
+    mixed = stack_images([*grey, torch.arange(12, dtype=torch.uint8).view(3, 2, 2)])
+    assert mixed.shape == (4, 3, 2, 2)
+    assert torch.equal(mixed[1], torch.full((3, 2, 2), 1, dtype=torch.uint8))
+    assert torch.equal(mixed[3], torch.arange(12, dtype=torch.uint8).view(3, 2, 2))
 
 
 def test_truncation_keeps_the_end_token(tokenizer: PreTrainedTokenizerFast) -> None:

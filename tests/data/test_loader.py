@@ -32,7 +32,7 @@ def test_vqa_examples_and_per_key_randomness(raw_vqa_rad, tmp_path):
     prepare("vqa_rad", raw_vqa_rad(), tmp_path / "vqa")
     train = FamilyDataset(tmp_path / "vqa", "train", 32, train=True)
     a, b, other = train[(5, 0)], train[(5, 0)], train[(6, 0)]
-    assert a["pixels"].shape == (3, 32, 32) and a["pixels"].dtype == torch.uint8
+    assert a["pixels"].shape[1:] == (32, 32) and a["pixels"].dtype == torch.uint8
     assert torch.equal(a["pixels"], b["pixels"]) and not torch.equal(a["pixels"], other["pixels"])
     assert a["text"] == "Is there a finding 0?" and a["answer"] == train.answer_index["yes"] and a["closed"]
     test = FamilyDataset(tmp_path / "vqa", "test", 32, train=False)
@@ -82,3 +82,29 @@ def test_concat_reads_several_datasets_as_one(raw_vqa_rad, tmp_path):
     both = Concat([FamilyDataset(tmp_path / n, "test", 16, train=False) for n in "ab"])
     assert len(both) == 10 and both[7]["text"] == both[2]["text"]
     assert both[(99, 7)]["key"] == 99
+
+
+
+def test_decoded_images_are_reused_bounded_and_not_pickled(monkeypatch):
+    import pickle
+
+    from medvlp.data import loader
+
+    decoded = []
+    real_decode = loader.decode_image
+    monkeypatch.setattr(loader, "decode_image", lambda data, size_hint=None: decoded.append(data) or
+                        real_decode(data, size_hint))
+    images = {k: png_bytes(32, seed=k) for k in range(3)}  # 32 x 32 grey: 1,024 bytes decoded
+    cache = loader.DecodedImages(max_bytes=2 * 1024)
+    first = cache.get(0, images[0], None)
+    assert cache.get(0, images[0], None) is first and len(decoded) == 1  # decoded once, then reused
+    cache.get(1, images[1], None)
+    cache.get(0, images[0], None)  # 0 is now the most recently used
+    cache.get(2, images[2], None)  # over budget: 1, the least recently used, goes
+    assert list(cache.images) == [0, 2] and cache.bytes == 2 * 1024 and len(decoded) == 3
+    cache.get(1, images[1], None)
+    assert len(decoded) == 4  # 1 had to be decoded again
+    assert pickle.loads(pickle.dumps(cache)).images == {}  # each worker fills its own
+    none = loader.DecodedImages(max_bytes=0)
+    none.get(0, images[0], None), none.get(0, images[0], None)
+    assert len(decoded) == 6 and not none.images

@@ -101,13 +101,17 @@ def test_decode_corrupt_bytes_raise_value_error(data: bytes) -> None:
 def test_output_shape_and_dtype(transform: EvalTransform | TrainTransform, mode: str) -> None:
     image = Image.fromarray(noise(50, 70, 3 if mode == "RGB" else 0), mode)
     pixels = transform(image)
-    assert pixels.shape == (3, 32, 32) and pixels.dtype == torch.uint8
+    assert pixels.shape == (3 if mode == "RGB" else 1, 32, 32) and pixels.dtype == torch.uint8
 
 
-def test_grey_gives_three_identical_channels() -> None:
+def test_grey_stays_one_channel_and_the_model_sees_it_as_three() -> None:
+    from medvlp.models.model import normalize_pixels
+
     pixels = TrainTransform(24)(Image.fromarray(noise(40, 40)), random.Random(0))
-    assert torch.equal(pixels[0], pixels[1]) and torch.equal(pixels[1], pixels[2])
-    assert pixels.float().std() > 10  # a real picture, not a constant
+    assert pixels.shape == (1, 24, 24) and pixels.float().std() > 10  # a real picture, not a constant
+    as_one = normalize_pixels(pixels[None])
+    as_three = normalize_pixels(pixels.expand(3, -1, -1)[None])
+    assert as_one.shape == (1, 3, 24, 24) and torch.equal(as_one, as_three)
 
 
 def test_rgb_channels_stay_in_order() -> None:

@@ -22,10 +22,11 @@ IGNORE_INDEX = -100
 class Collator:
     """Turn a list of examples into a batch.
 
-    Each example is a mapping with ``"pixels"`` (``uint8 [3, S, S]``) and ``"text"`` (``str``), and optionally
+    Each example is a mapping with ``"pixels"`` (``uint8 [C, S, S]``, C = 1 grey or 3 RGB) and ``"text"`` (``str``), and optionally
     more keys holding tensors, numbers or strings, the same keys in every example. The batch has
 
-    - ``pixels``: ``uint8 [B, 3, S, S]``;
+    - ``pixels``: ``uint8 [B, 1, S, S]`` when every image of the batch is grey, else ``[B, 3, S, S]`` (grey
+      images repeated to three channels); the model normalises either to three channels;
     - ``input_ids``, ``attention_mask``: ``int64 [B, L]``, truncated to ``max_length`` and padded to the
       longest text of the batch;
     - when ``mlm_probability > 0``: ``mlm_input_ids`` (the ids with masked words corrupted) and ``mlm_labels``
@@ -98,7 +99,7 @@ class Collator:
         encoding = self.tokenizer(texts, truncation=True, max_length=self.max_length, padding="longest")
         input_ids = _int_tensor(encoding["input_ids"])
         batch: dict[str, Any] = {
-            "pixels": torch.stack([example["pixels"] for example in examples]),
+            "pixels": stack_images([example["pixels"] for example in examples]),
             "input_ids": input_ids,
             "attention_mask": _int_tensor(encoding["attention_mask"]),
         }
@@ -163,6 +164,13 @@ def _word_id_tensor(encodings: Sequence[Any], shape: torch.Size) -> torch.Tensor
     rows = np.array([encoding.word_ids for encoding in encodings], dtype=object).reshape(shape)
     rows[np.equal(rows, None)] = -1
     return torch.from_numpy(rows.astype(np.int64))
+
+
+def stack_images(images: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``[C, S, S]`` images -> ``[B, C, S, S]``: one channel when all are grey, otherwise grey ones repeated to 3."""
+    if any(image.shape[0] != images[0].shape[0] for image in images):
+        images = [image.expand(3, -1, -1) for image in images]
+    return torch.stack(images)
 
 
 def _stack(values: list[Any]) -> Any:

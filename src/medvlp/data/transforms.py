@@ -1,11 +1,12 @@
 """Image decoding and the papers' image transforms, in Pillow + torch (no torchvision).
 
 Pipeline: encoded bytes → ``decode_image`` (a PIL image in mode "L" or "RGB") → ``EvalTransform`` or
-``TrainTransform`` (crop + one antialiased bicubic resize) → ``torch.uint8`` tensor ``[3, size, size]``.
-Grey images stay one channel until the very end and become three channels by ``expand``; the returned tensor
-may be a view (grey: expanded; RGB: channels-last strides), so do not write into it in place: the collator's
-``torch.stack`` materialises the batch. Normalisation is not done here: the model normalises uint8 batches on
-its own device (``MedVLP.normalize``, CLIP mean/std), which also keeps worker → main-process transfers 4x smaller.
+``TrainTransform`` (crop + one antialiased bicubic resize) → ``torch.uint8`` tensor ``[C, size, size]``, with
+``C = 1`` for grey and 3 for colour. Grey stays one channel all the way to the model, which repeats it to three
+when it normalises (``MedVLP.normalize``, CLIP mean/std, broadcast): most medical images are grey, and one
+channel makes the worker → main-process transfer and the collator's copy 3x smaller (uint8 instead of float
+makes them 4x smaller again). The returned tensor may be a view (RGB: channels-last strides), so do not write
+into it in place: the collator's ``torch.stack`` materialises the batch.
 
 No horizontal flip: captions and answers name sides ("left lower lobe"), and a flip would make them false.
 """
@@ -55,7 +56,7 @@ class EvalTransform:
     """Resize the shorter side to ``size`` (bicubic), then take the centre ``size x size`` square.
 
     Done as one resize of the centre square of the source (the same result, without resampling pixels that the
-    crop would throw away). Returns ``torch.uint8 [3, size, size]``.
+    crop would throw away). Returns ``torch.uint8 [C, size, size]`` (C = 1 grey, 3 RGB).
     """
 
     def __init__(self, size: int) -> None:
@@ -78,7 +79,7 @@ class EvalTransform:
 class TrainTransform:
     """Random resized crop: a box covering ``scale`` of the image area with aspect ratio (width / height) in
     ``ratio`` (log-uniform), at a uniform position, resized to ``size x size`` (bicubic). Returns
-    ``torch.uint8 [3, size, size]``.
+    ``torch.uint8 [C, size, size]`` (C = 1 grey, 3 RGB).
 
     Randomness: pass ``rng`` to ``__call__``, or let the transform use its own ``random.Random``, created on
     first use from ``seed`` and, inside a DataLoader worker, that worker's seed (see ``worker_seed``), so runs
@@ -146,7 +147,7 @@ class TrainTransform:
 
 
 def _crop_resize(image: Image.Image, box: tuple[int, int, int, int], size: int) -> torch.Tensor:
-    """Crop ``box`` out of an "L" or "RGB" image and resize it to ``size x size``: ``uint8 [3, size, size]``.
+    """Crop ``box`` out of an "L" or "RGB" image and resize it to ``size x size``: ``uint8 [1 or 3, size, size]``.
 
     The resize is torch's antialiased bicubic on uint8, which follows Pillow's bicubic filter (a = -0.5, support
     widened when downscaling; same values up to rounding away from the box edges) and runs 1.5x (grey) to 3x
@@ -159,7 +160,7 @@ def _crop_resize(image: Image.Image, box: tuple[int, int, int, int], size: int) 
     crop = pixels[top:bottom, left:right].permute(2, 0, 1).unsqueeze(0)  # [1, C, h, w], channels-last strides
     if crop.shape[-2:] != (size, size):
         crop = F.interpolate(crop, size=(size, size), mode="bicubic", antialias=True)
-    return crop[0].expand(3, -1, -1)  # grey: three views of the one channel; RGB: unchanged
+    return crop[0]
 
 
 def worker_seed(seed: int) -> int:

@@ -87,7 +87,7 @@ def save_pretrain_picture(path: Path, model: MedVLP, batch: dict[str, Any], outp
                 axes[row, col].imshow(image[row].numpy())
                 axes[row, col].set_title(title, fontsize=9)
         else:
-            axes[row, 0].imshow(batch["pixels"][row].permute(1, 2, 0).cpu().numpy())
+            axes[row, 0].imshow(batch["pixels"][row].expand(3, -1, -1).permute(1, 2, 0).cpu().numpy())
         text = axes[row, columns]
         text.axis("off")
         if mlm is not None:
