@@ -61,12 +61,33 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    from medvlp.training.pretrain import load_pretrain_config, pretrain
+    import json
+
+    from medvlp.training.pretrain import load_pretrain_config, pretrain, zero_shot
 
     overrides = [f"run_dir={args.out / 'pretrain'}", f"data.synthetic_dir={args.out / 'data'}", *args.overrides]
     config = load_pretrain_config(config_path(args.config), overrides)
     run_dir = pretrain(config)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    print("held-out (synthetic val): " + ", ".join(f"{k.removeprefix('val/')} {v:.3f}" for k, v in metrics.items()
+                                                    if k.endswith(("_acc", "_loss")) and "/" in k))
+    if config.tasks.itc:
+        print_retrieval(zero_shot(run_dir), "zero-shot retrieval on the synthetic test pairs")
     print(f"checkpoint: {run_dir / 'checkpoints'}\nlogs: {run_dir / 'logs'}\npictures: {run_dir / 'pictures'}")
+
+
+def cmd_zeroshot(args: argparse.Namespace) -> None:
+    from medvlp.training.pretrain import zero_shot
+
+    print_retrieval(zero_shot(args.run_dir, args.data, args.split), f"zero-shot retrieval, split {args.split}")
+
+
+def print_retrieval(metrics: dict[str, float], title: str) -> None:
+    pairs = metrics.pop("pairs")
+    ranks = ", ".join(f"R@{k[5:]} {v:.1f}%" for k, v in metrics.items() if k.startswith("i2t"))
+    print(f"{title} ({pairs:,} pairs; chance R@1 {100 / pairs:.2f}%):")
+    print(f"  image-to-text: {ranks}")
+    print("  text-to-image: " + ", ".join(f"R@{k[5:]} {v:.1f}%" for k, v in metrics.items() if k.startswith("t2i")))
 
 
 def config_path(name: Path | None) -> Path | None:
@@ -101,6 +122,12 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(p)
     p.add_argument("--resume", action="store_true", help="continue the run in run_dir from its last checkpoint")
     p.set_defaults(run=cmd_pretrain)
+
+    p = sub.add_parser("zeroshot", help="image-text retrieval from a pre-trained run's global embeddings alone")
+    p.add_argument("run_dir", metavar="RUN", type=Path, help="a pre-training run folder (or a checkpoints/step-*)")
+    p.add_argument("--data", type=Path, help="prepared retrieval pairs (default: the run's synthetic test pairs)")
+    p.add_argument("--split", default="test")
+    p.set_defaults(run=cmd_zeroshot)
 
     p = sub.add_parser("demo", help="the main job on the built-in synthetic corpus: no downloads, no GPU")
     p.add_argument("--out", type=Path, default=Path("runs/demo"), help="folder for everything it writes")

@@ -79,3 +79,121 @@ def test_bad_config_values_give_one_line(tmp_path, override, message):
     with pytest.raises((ConfigError, MedvlpError), match=message) as error:
         pretrain(config(tmp_path, "bad", override))
     assert "\n" not in str(error.value)
+
+
+# -- MPMA: one framework with M3AE, each component a switch -----------------------------------------------------
+def tiny_model_and_batch(batch_size=6, **model):
+    from medvlp.models.config import model_config
+    from medvlp.models.model import build_model
+
+    torch.manual_seed(0)
+    net = build_model(model_config("tiny", **model)).eval()
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(5, 4096, (batch_size, 12), generator=g)
+    ids[:, 0], ids[:, -1] = 0, 2
+    labels = torch.full_like(ids, -100)
+    labels[:, 3] = ids[:, 3]
+    batch = {"pixels": torch.randint(0, 256, (batch_size, 1, 64, 64), dtype=torch.uint8, generator=g),
+             "input_ids": ids, "attention_mask": torch.ones_like(ids),
+             "mlm_input_ids": torch.where(labels != -100, 4, ids), "mlm_labels": labels}
+    return net, batch
+
+
+class CountingModel(torch.nn.Module):
+    """Counts forward passes and fusion-only ITM calls of a model."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.inner, self.passes, self.matches = model, [], 0
+        self.cfg = model.cfg
+
+    def forward(self, batch, **flags):
+        self.passes.append({k for k, v in flags.items() if v})
+        return self.inner(batch, **flags)
+
+    def match(self, *args):
+        self.matches += 1
+        return self.inner.match(*args)
+
+
+@pytest.mark.parametrize("switches, passes, matches, parts", [
+    ({}, [{"mask_text"}, {"mask_image"}, {"itm"}], 0, {"mlm", "mim", "itm"}),  # M3AE: three passes
+    ({"paired_masking": True, "itc": 1.0, "local": 1.0, "hard_negatives": True},
+     [{"mask_image", "mask_text", "itm", "align"}], 1, {"mlm", "mim", "itm", "itc", "local"}),  # MPMA: one pass
+    ({"paired_masking": True}, [{"mask_image", "mask_text", "itm"}], 1, {"mlm", "mim", "itm"}),
+    ({"itc": 1.0}, [{"mask_text", "align"}, {"mask_image"}, {"itm"}], 0, {"mlm", "mim", "itm", "itc"}),
+    ({"hard_negatives": True}, [{"mask_text", "itm", "align"}, {"mask_image"}], 1, {"mlm", "mim", "itm"}),
+    ({"mlm": 0.0, "mim": 0.0, "itm": 0.0, "itc": 1.0}, [{"align"}], 0, {"itc"}),
+])
+def test_each_component_is_a_switch(switches, passes, matches, parts):
+    from medvlp.training.pretrain import TasksConfig, pretrain_losses
+
+    net, batch = tiny_model_and_batch()
+    counting = CountingModel(net)
+    loss, logs, _ = pretrain_losses(counting, batch, TasksConfig(**switches))
+    assert counting.passes == passes and counting.matches == matches
+    assert {k.removesuffix("_loss") for k in logs if k.endswith("_loss")} == parts
+    assert torch.isfinite(loss)
+    loss.backward()
+    assert net.text.word_embeddings.weight.grad is not None and net.vision.model.embeddings.patch_embedding.weight.grad is not None
+
+
+def test_reused_itm_pairs_every_text_with_its_own_image_and_another():
+    from medvlp.training.pretrain import reused_itm
+
+    net, batch = tiny_model_and_batch(batch_size=5)
+    pair = net(batch, itm=True, align=True)
+    for hard in (False, True):
+        logits, labels = reused_itm(net, pair, batch, hard)
+        assert logits.shape == (10, 2) and labels.tolist() == [1] * 5 + [0] * 5
+        assert torch.allclose(logits[:5], pair.itm_logits)
+
+
+def test_a_batch_of_one_skips_the_reused_itm():
+    from medvlp.training.pretrain import TasksConfig, pretrain_losses
+
+    net, batch = tiny_model_and_batch(batch_size=1)
+    _, logs, _ = pretrain_losses(net, batch, TasksConfig(paired_masking=True, hard_negatives=True, itc=1.0))
+    assert "itm_loss" not in logs and "mlm_loss" in logs and "itc_loss" in logs
+
+
+@pytest.mark.parametrize("name", ["m3ae-tiny", "mpma-tiny", "m3ae-base", "mpma-base"])
+def test_shipped_configs_load_and_say_what_the_papers_do(name):
+    from pathlib import Path
+
+    from medvlp.cli import config_path
+
+    config = load_pretrain_config(config_path(Path(name)), [])
+    mpma = name.startswith("mpma")
+    assert config.model_size == name.split("-")[1]
+    assert config.tasks.paired_masking == config.tasks.hard_negatives == mpma
+    assert bool(config.tasks.itc) == bool(config.tasks.local) == mpma
+    assert (config.model.memory_slots > 0) == mpma
+    if name.endswith("base"):
+        assert config.model.fusion.hidden_size == 768 and config.optim.lr == 1e-5 and config.data.batch_size == 256
+
+
+def test_mpma_run_and_zero_shot_retrieval_from_its_checkpoint(tmp_path):
+    from medvlp.training.pretrain import load_run, zero_shot
+
+    run = pretrain(config(tmp_path, "mpma", "tasks.paired_masking=true", "tasks.itc=1", "tasks.local=1",
+                          "tasks.hard_negatives=true", "model.memory_slots=4"))
+    metrics = zero_shot(run)
+    assert metrics["pairs"] == 4 and set(metrics) == {"pairs"} | {f"{d}_r{k}" for d in ("i2t", "t2i")
+                                                                   for k in (1, 5, 10)}
+    assert all(0.0 <= v <= 100.0 for k, v in metrics.items() if k != "pairs")
+    assert metrics["i2t_r5"] == metrics["t2i_r5"] == 100.0  # 4 candidates: all of them within 5
+    _, model, _ = load_run(run)
+    saved = load_weights(resolve_checkpoint(run) / WEIGHTS)
+    assert torch.equal(model.fusion.memory, saved["model.fusion.memory"])
+    assert not model.training
+
+
+def test_load_run_refuses_weights_of_another_model(tmp_path):
+    from medvlp.training.pretrain import load_run
+
+    run = pretrain(config(tmp_path, "run", "trainer.max_steps=3"))
+    (run / "config.yaml").write_text((run / "config.yaml").read_text().replace("memory_slots: 0",
+                                                                               "memory_slots: 8"))
+    with pytest.raises(MedvlpError, match=r"does not fit the model .* 33 weights missing \(e.g. \[.fusion.memory."):
+        load_run(run)

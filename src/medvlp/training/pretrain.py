@@ -3,17 +3,29 @@
 One step runs the objectives the config switches on, each a pure function from ``medvlp.objectives``:
 
 - M3AE (``paired_masking: false``): three passes, as the reference code does: masked text + whole image
-  (MLM), masked image + whole text (MIM), and the ITM pass on a batch with half its images swapped.
-- MPMA (``paired_masking: true``): masked image and masked text in ONE pass, MLM and MIM both computed from it,
-  plus the ITM pass.
+  (MLM), masked image + whole text (MIM), and the ITM pass on a batch with half its images swapped at random.
+- MPMA (``paired_masking: true``): masked image (75%) and masked text (15%) in ONE pass; MLM, MIM, the global
+  and local alignment and the ITM positives are all read from it, and the ITM negatives fuse its text states
+  with other samples' image states (no second encoding). With ``hard_negatives`` those images are drawn in
+  proportion to the softmax of the global similarity (harder negatives more often), else uniformly.
 
-Every step's randomness (masks, swaps, dropout) is seeded from ``(seed, step)`` and every sample's (crop,
-caption choice, word masking) from its position in the sample stream, so a resumed run repeats exactly what an
-uninterrupted run would have done.
+Which features the alignment losses read: those of the *pair pass*, the pass in which every image meets its
+own text. Under paired masking that is the masked pass: the global loss compares the class tokens of an image
+of which 25% of the patches were seen and of a text with 15% of its words masked, and the local loss matches
+words to the visible patches only. This is FLIP's recipe (Li et al., CVPR 2023): contrastive learning on
+masked images works about as well and costs a quarter of the vision encoder; it is what makes the paired step
+one encoder pass instead of three. In the three-pass step the pair pass is the MLM pass (whole image, masked
+text). Zero-shot retrieval then embeds whole images and whole texts (``MedVLP.embed_image``/``embed_text``).
+
+Every step's randomness (masks, swaps, negatives, dropout) is seeded from ``(seed, step)`` and every sample's
+(crop, caption choice, word masking) from its position in the sample stream, so a resumed run repeats exactly
+what an uninterrupted run would have done.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -33,7 +45,8 @@ from medvlp.errors import ConfigError, DataError, MedvlpError
 from medvlp.log import quiet_lightning
 from medvlp.models.config import ModelConfig, model_config
 from medvlp.models.model import MedVLP, build_model
-from medvlp.objectives import itm_batch, itm_loss, mim_loss, mlm_loss
+from medvlp.objectives import (hard_negatives, itc_loss, itm_batch, itm_loss, local_alignment_loss, mim_loss,
+                               mlm_loss, random_negatives)
 from medvlp.training.checkpoint import Checkpointer, SafeCheckpointIO, resolve_checkpoint
 from medvlp.training.optim import OptimConfig, build_optimizer, build_schedule
 
@@ -43,15 +56,36 @@ log = logging.getLogger(__name__)
 # -- config ------------------------------------------------------------------------------------------------------
 @dataclass
 class TasksConfig:
-    """Pre-training objectives: a weight each (0 switches one off) and how the masked passes are run."""
+    """Pre-training objectives: a weight each (0 switches one off) and how the passes are run.
+
+    M3AE is ``mlm, mim, itm`` with separate passes; MPMA adds ``itc`` (global alignment) and ``local`` (local
+    alignment), ``paired_masking`` and ``hard_negatives``. Every switch works on its own, for ablations.
+    """
 
     mlm: float = 1.0
     mim: float = 1.0
     itm: float = 1.0
+    itc: float = 0.0  # global image-text contrastive alignment (MPMA's GLA, global part)
+    local: float = 0.0  # word-to-patch alignment (MPMA's GLA, local part)
     paired_masking: bool = False  # MPMA: one pass with masked image and masked text; M3AE: separate passes
+    hard_negatives: bool = False  # ITM negatives drawn by similarity instead of uniformly
+
+    def weights(self) -> dict[str, float]:
+        return {"mlm": self.mlm, "mim": self.mim, "itm": self.itm, "itc": self.itc, "local": self.local}
+
+    @property
+    def align(self) -> bool:
+        """Whether the pair pass needs the alignment embeddings (losses, or similarities for hard negatives)."""
+        return bool(self.itc or self.local or (self.itm and self.hard_negatives))
+
+    @property
+    def reuse_itm(self) -> bool:
+        """ITM from the pair pass's encoder states (positives + one negative per text) instead of M3AE's own pass
+        on a batch with half its images swapped."""
+        return bool(self.itm and (self.paired_masking or self.hard_negatives))
 
     def validate(self) -> None:
-        weights = {"mlm": self.mlm, "mim": self.mim, "itm": self.itm}
+        weights = self.weights()
         if any(w < 0 for w in weights.values()) or not any(weights.values()):
             raise ConfigError(f"tasks: weights must be >= 0 and at least one > 0, got {weights}")
 
@@ -129,31 +163,58 @@ SIZE_OPTIM = {"tiny": OptimConfig(lr=5e-4, warmup=0.05), "base": OptimConfig()}
 
 # -- one step ----------------------------------------------------------------------------------------------------
 def pretrain_losses(model: MedVLP, batch: dict[str, Any], tasks: TasksConfig) -> tuple[torch.Tensor, dict, dict]:
-    """The weighted loss of one batch, its parts and metrics, and the outputs (for pictures)."""
-    parts: dict[str, torch.Tensor] = {}
-    outputs: dict[str, Any] = {}
-    if tasks.paired_masking and (tasks.mlm or tasks.mim):
-        out = model(batch, mask_image=bool(tasks.mim), mask_text=bool(tasks.mlm))
-        outputs["mlm"] = outputs["mim"] = out
+    """The weighted loss of one batch, its parts and metrics, and the passes' outputs (for pictures)."""
+    passes: dict[str, Any] = {}
+    align, reuse = tasks.align, tasks.reuse_itm
+    if tasks.paired_masking:
+        passes["pair"] = model(batch, mask_image=bool(tasks.mim), mask_text=bool(tasks.mlm), itm=reuse, align=align)
+        passes["mlm"] = passes["mim"] = passes["pair"]
     else:
         if tasks.mlm:
-            outputs["mlm"] = model(batch, mask_text=True)
+            passes["mlm"] = passes["pair"] = model(batch, mask_text=True, itm=reuse, align=align)
         if tasks.mim:
-            outputs["mim"] = model(batch, mask_image=True)
+            passes["mim"] = model(batch, mask_image=True)
+        if (align or reuse) and "pair" not in passes:
+            passes["pair"] = model(batch, itm=reuse, align=align)
+    parts: dict[str, torch.Tensor] = {}
     metrics: dict[str, torch.Tensor] = {}
     if tasks.mlm:
-        parts["mlm"], m = mlm_loss(outputs["mlm"], batch)
+        parts["mlm"], m = mlm_loss(passes["mlm"], batch)
         metrics["mlm_acc"] = m["accuracy"]
     if tasks.mim:
-        parts["mim"], _ = mim_loss(outputs["mim"], batch, norm_pix_loss=model.cfg.norm_pix_loss)
-    if tasks.itm:
-        swapped = itm_batch(batch)
-        outputs["itm"] = model(swapped, itm=True)
-        parts["itm"], m = itm_loss(outputs["itm"], swapped)
+        parts["mim"], _ = mim_loss(passes["mim"], batch, norm_pix_loss=model.cfg.norm_pix_loss)
+    if tasks.itc:
+        parts["itc"], m = itc_loss(passes["pair"], batch)
+        metrics.update({f"itc_{k}": v for k, v in m.items()})
+    if tasks.local:
+        parts["local"], m = local_alignment_loss(passes["pair"], batch)
+        metrics.update({f"local_{k}": v for k, v in m.items()})
+    if tasks.itm and not (reuse and batch["input_ids"].shape[0] < 2):  # one sample has no negative to reuse
+        if reuse:
+            logits, labels = reused_itm(model, passes["pair"], batch, tasks.hard_negatives)
+            itm_out, itm_targets = dataclasses.replace(passes["pair"], itm_logits=logits), {"itm_labels": labels}
+        else:
+            itm_targets = itm_batch(batch)
+            itm_out = passes["itm"] = model(itm_targets, itm=True)
+        parts["itm"], m = itm_loss(itm_out, itm_targets)
         metrics["itm_acc"] = m["accuracy"]
-    weights = {"mlm": tasks.mlm, "mim": tasks.mim, "itm": tasks.itm}
+    weights = tasks.weights()
     total = sum(weights[name] * loss for name, loss in parts.items())
-    return total, {**{f"{k}_loss": v.detach() for k, v in parts.items()}, **metrics}, outputs
+    return total, {**{f"{k}_loss": v.detach() for k, v in parts.items()}, **metrics}, passes
+
+
+def reused_itm(model: MedVLP, pair: Any, batch: dict[str, Any], hard: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """ITM on the pair pass's encoder states: its own pairs as positives, and every text again with another
+    sample's image (drawn by similarity with ``hard``, else uniformly) as negatives; B positives, B negatives."""
+    size = pair.text_features.shape[0]
+    if hard:
+        donors = hard_negatives(pair.text_embed @ pair.image_embed.T)
+    else:
+        donors = random_negatives(size, device=pair.text_features.device)
+    negatives = model.match(pair.text_features, batch["attention_mask"], pair.image_features[donors])
+    logits = torch.cat([pair.itm_logits, negatives])
+    labels = torch.cat([torch.ones(size, dtype=torch.long), torch.zeros(size, dtype=torch.long)])
+    return logits, labels.to(logits.device)
 
 
 class TrainingDiverged(MedvlpError):
@@ -213,7 +274,7 @@ class PretrainModule(L.LightningModule):
                 f"checkpoint is in {last}; lower optim.lr or check the data")
         self.log_dict({f"train/{k}": v for k, v in logs.items()}, prog_bar=False, batch_size=batch["n"])
         self.log("loss", loss.detach(), prog_bar=True, batch_size=batch["n"])
-        for name in ("mlm_loss", "mim_loss", "itm_loss"):
+        for name in ("mlm_loss", "mim_loss", "itm_loss", "itc_loss", "local_loss"):
             if name in logs:
                 self.log(name.split("_")[0], logs[name], prog_bar=True, batch_size=batch["n"], logger=False)
         return loss
@@ -283,8 +344,6 @@ def prepare_tokenizer(config: PretrainConfig, roots: Sequence[Path]):
 
 def with_tokenizer(model: ModelConfig, tokenizer: Any) -> ModelConfig:
     """The model config with the text vocabulary of the tokenizer (when the text encoder is built here)."""
-    import dataclasses
-
     if model.text.pretrained:
         return model
     text = dataclasses.replace(model.text, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
@@ -318,7 +377,7 @@ def pretrain(config: PretrainConfig, *, resume: bool = False, callbacks: Sequenc
     quiet_lightning()
     trainer = L.Trainer(
         default_root_dir=run_dir, max_steps=t.max_steps, max_epochs=1, accelerator=t.accelerator,
-        devices=t.devices, strategy=t.strategy, num_nodes=t.num_nodes, precision=resolve_precision(t.precision),
+        devices=t.devices, strategy=_strategy(t.strategy), num_nodes=t.num_nodes, precision=resolve_precision(t.precision),
         accumulate_grad_batches=t.accumulate, gradient_clip_val=config.optim.grad_clip or None,
         val_check_interval=t.val_every * t.accumulate, check_val_every_n_epoch=None,
         num_sanity_val_steps=0, log_every_n_steps=min(t.log_every, t.max_steps), logger=loggers, enable_checkpointing=False,
@@ -327,7 +386,57 @@ def pretrain(config: PretrainConfig, *, resume: bool = False, callbacks: Sequenc
         enable_model_summary=False,
     )
     trainer.fit(module, ckpt_path=str(checkpoint) if checkpoint else None, weights_only=True)
+    if trainer.is_global_zero:
+        final = {k: round(v.item(), 4) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+        (run_dir / "metrics.json").write_text(json.dumps({"step": trainer.global_step, **final}, indent=1) + "\n")
     return run_dir
+
+
+def load_run(run: Path | str) -> tuple[PretrainConfig, MedVLP, Any]:
+    """A pre-training run folder (or one of its ``checkpoints/step-*``) back as (config, model, tokenizer), the
+    model in eval mode with the checkpoint's weights (safetensors; nothing is unpickled)."""
+    from medvlp.data.tokenizer import load_tokenizer
+    from medvlp.training.checkpoint import WEIGHTS, load_weights
+
+    checkpoint = resolve_checkpoint(run)
+    run_dir = checkpoint.parent.parent
+    if not (run_dir / "config.yaml").is_file():
+        raise MedvlpError(f"{run_dir}: no config.yaml beside checkpoints/; give the folder `medvlp pretrain` wrote")
+    config = load_config(PretrainConfig, run_dir / "config.yaml")
+    tokenizer = load_tokenizer(config.data.tokenizer or run_dir / "tokenizer")
+    model = build_model(config.model)
+    weights = {k.removeprefix("model."): v for k, v in load_weights(checkpoint / WEIGHTS).items()}  # the module's
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    if missing or unexpected:
+        raise MedvlpError(f"{checkpoint / WEIGHTS} does not fit the model of {run_dir / 'config.yaml'}: "
+                          f"{len(missing)} weights missing (e.g. {missing[:2]}), {len(unexpected)} unexpected "
+                          f"(e.g. {unexpected[:2]})")
+    return config, model.eval(), tokenizer
+
+
+def zero_shot(run: Path | str, data: Path | str | None = None, split: str = "test",
+              batch_size: int = 64) -> dict[str, float]:
+    """Zero-shot image-text retrieval (Recall@1/5/10, both ways, in percent) of a pre-trained run on a prepared
+    retrieval (or pre-training) dataset; by default the synthetic retrieval set the run's corpus came with."""
+    from medvlp.data.records import Records
+    from medvlp.evaluation.retrieval import zero_shot_retrieval
+
+    config, model, tokenizer = load_run(run)
+    root = Path(data) if data else Path(config.data.synthetic_dir) / "retrieval"
+    family = read_manifest(root)["family"]
+    if family not in ("retrieval", "pretrain"):
+        raise DataError(f"{root} holds {family} data; zero-shot retrieval needs image-caption pairs")
+    dataset = FamilyDataset(root, split, config.model.image_size, train=False)
+    loader = make_loader(dataset, Collator(tokenizer, max_length=config.data.max_text_len, mlm_probability=0.0),
+                         batch_size=batch_size, num_workers=0)
+    image_ids = Records(root, split).column("image")
+    return {"pairs": len(dataset), **zero_shot_retrieval(model, loader, image_ids)}
+
+
+def _strategy(name: str) -> str:
+    """Plain DDP would stop at the first step: a config that switches objectives off leaves their heads (and,
+    e.g., the image stream's last fusion layer without ITM) without gradients. Those are found per step."""
+    return "ddp_find_unused_parameters_true" if name == "ddp" else name
 
 
 def resolve_precision(precision: str) -> str:
