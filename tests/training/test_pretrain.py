@@ -74,6 +74,7 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_pat
     ("model.image_size=70", "image_size = 70 is not divisible by model.patch_size = 16"),
     ("model.vision.pretrained=/no/such/dir", "/no/such/dir"),
     ("trainer.max_step=3", "did you mean 'max_steps'"),
+    ("data.crop_scale=[0.8,0.5]", r"data.crop_scale = \[0.8, 0.5\]: need 0 < low <= high <= 1"),
 ])
 def test_bad_config_values_give_one_line(tmp_path, override, message):
     with pytest.raises((ConfigError, MedvlpError), match=message) as error:

@@ -39,16 +39,17 @@ class FamilyDataset(Dataset):
     ``answer_vocab``/``labels`` map VQA answers/class labels to indices (an answer outside the vocabulary
     gets index -1: it counts as wrong in evaluation and adds no training signal). ``label_field`` picks the
     record field a classification task trains on (MELINDA has several). ``image_cache_mb`` bounds the decoded
-    images each worker keeps (0: none).
+    images each worker keeps (0: none); ``crop_scale`` the area range of training crops.
     """
 
     def __init__(self, root: Path | str, split: str, image_size: int, *, train: bool, seed: int = 0,
                  answer_vocab: Sequence[str] | None = None, labels: Sequence[str] | None = None,
-                 label_field: str = "label", image_cache_mb: float = 128):
+                 label_field: str = "label", image_cache_mb: float = 128,
+                 crop_scale: tuple[float, float] = (0.5, 1.0)):
         self.records = Records(root, split)
         self.images = DecodedImages(image_cache_mb * 2**20)
         self.family, self.train, self.seed, self.image_size = self.records.family, train, seed, image_size
-        self.transform = TrainTransform(image_size, seed=seed) if train else EvalTransform(image_size)
+        self.transform = TrainTransform(image_size, crop_scale, seed=seed) if train else EvalTransform(image_size)
         manifest = self.records.manifest
         vocab = answer_vocab if answer_vocab is not None else manifest.get("answer_vocab", [])
         self.answer_index = {a: i for i, a in enumerate(vocab)}

@@ -104,6 +104,7 @@ class DataConfig:
     batch_size: int = 32
     num_workers: int = 2
     max_bad_fraction: float = 0.01  # of training samples whose image cannot be read, before the run stops
+    crop_scale: tuple[float, float] = (0.5, 1.0)  # area range of the random resized crops
 
 
 @dataclass
@@ -142,6 +143,9 @@ class PretrainConfig:
         t = self.trainer
         if t.max_steps <= 0 or t.accumulate <= 0 or self.data.batch_size <= 0:
             raise ConfigError("trainer.max_steps, trainer.accumulate and data.batch_size must be positive")
+        low, high = self.data.crop_scale
+        if not 0 < low <= high <= 1:
+            raise ConfigError(f"data.crop_scale = [{low}, {high}]: need 0 < low <= high <= 1 (fractions of the area)")
         if self.data.max_text_len + 2 > self.model.text.max_position_embeddings:
             raise ConfigError(f"data.max_text_len={self.data.max_text_len} does not fit the text encoder's "
                               f"{self.model.text.max_position_embeddings} positions")
@@ -366,7 +370,8 @@ def pretrain(config: PretrainConfig, *, resume: bool = False, callbacks: Sequenc
     save_config(config, run_dir / "config.yaml")
 
     size = config.model.image_size
-    train = Concat([FamilyDataset(r, "train", size, train=True, seed=config.trainer.seed) for r in roots])
+    train = Concat([FamilyDataset(r, "train", size, train=True, seed=config.trainer.seed,
+                                 crop_scale=tuple(config.data.crop_scale)) for r in roots])
     val = Concat([FamilyDataset(r, _val_split(r), size, train=False) for r in roots])
     module = PretrainModule(config, build_model(config.model), tokenizer, train, val)
     t = config.trainer
