@@ -83,11 +83,11 @@ def cmd_zeroshot(args: argparse.Namespace) -> None:
 
 
 def print_retrieval(metrics: dict[str, float], title: str) -> None:
-    pairs = metrics.pop("pairs")
-    ranks = ", ".join(f"R@{k[5:]} {v:.1f}%" for k, v in metrics.items() if k.startswith("i2t"))
+    pairs = metrics["pairs"]
     print(f"{title} ({pairs:,} pairs; chance R@1 {100 / pairs:.2f}%):")
-    print(f"  image-to-text: {ranks}")
-    print("  text-to-image: " + ", ".join(f"R@{k[5:]} {v:.1f}%" for k, v in metrics.items() if k.startswith("t2i")))
+    for prefix, direction in (("i2t_r", "image-to-text"), ("t2i_r", "text-to-image")):
+        ranks = ", ".join(f"R@{k.removeprefix(prefix)} {v:.1f}%" for k, v in metrics.items() if k.startswith(prefix))
+        print(f"  {direction}: {ranks}")
 
 
 def config_path(name: Path | None) -> Path | None:

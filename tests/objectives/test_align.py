@@ -96,7 +96,7 @@ def test_gather_and_itc_across_two_gloo_processes(tmp_path):
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for rank in range(2)]
     logs = [proc.communicate(timeout=120)[0].decode() for proc in procs]
     assert all(proc.returncode == 0 for proc in procs), logs
-    seen = [torch.load(tmp_path / f"{rank}.pt") for rank in range(2)]
+    seen = [torch.load(tmp_path / f"{rank}.pt", weights_only=True) for rank in range(2)]
     expected = torch.cat([torch.full((2, 3), 1.0), torch.full((3, 3), 2.0)])
     for rank, got in enumerate(seen):
         assert torch.equal(got["gathered"], expected) and torch.equal(got["plain"], expected * 2)

@@ -107,17 +107,20 @@ class DecodedImages:
             self.images.move_to_end(key)
             return image
         image = decode_image(data, size_hint=size_hint)
-        size = image.width * image.height * len(image.getbands())
-        if size <= self.max_bytes:
+        if _nbytes(image) <= self.max_bytes:
             self.images[key] = image
-            self.bytes += size
+            self.bytes += _nbytes(image)
             while self.bytes > self.max_bytes:
-                _, old = self.images.popitem(last=False)
-                self.bytes -= old.width * old.height * len(old.getbands())
+                self.bytes -= _nbytes(self.images.popitem(last=False)[1])
         return image
 
     def __getstate__(self) -> dict[str, Any]:
         return {"max_bytes": self.max_bytes, "images": OrderedDict(), "bytes": 0}
+
+
+def _nbytes(image: Image.Image) -> int:
+    """Pixel memory of an 8-bit "L" or "RGB" image."""
+    return image.width * image.height * len(image.getbands())
 
 
 def collate(collator: Collator, examples: list[dict[str, Any] | None]) -> dict[str, Any]:

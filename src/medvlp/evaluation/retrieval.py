@@ -13,6 +13,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from medvlp.errors import DataError
+
 KS = (1, 5, 10)
 
 
@@ -54,7 +56,8 @@ def zero_shot_retrieval(model, loader, image_ids: Sequence[int]) -> dict[str, fl
     image_embeds, text_embeds = [], []
     for batch in loader:
         if batch["n_bad"]:
-            raise ValueError(f"{batch['n_bad']} images in the retrieval set could not be read")
+            raise DataError(f"{batch['n_bad']} images in the retrieval set could not be read (the lines above "
+                            "name them); prepare the dataset again")
         image_embeds.append(model.embed_image(batch["pixels"]).float())
         text_embeds.append(model.embed_text(batch["input_ids"], batch["attention_mask"]).float())
     model.train(was_training)

@@ -217,8 +217,8 @@ def reused_itm(model: MedVLP, pair: Any, batch: dict[str, Any], hard: bool) -> t
         donors = random_negatives(size, device=pair.text_features.device)
     negatives = model.match(pair.text_features, batch["attention_mask"], pair.image_features[donors])
     logits = torch.cat([pair.itm_logits, negatives])
-    labels = torch.cat([torch.ones(size, dtype=torch.long), torch.zeros(size, dtype=torch.long)])
-    return logits, labels.to(logits.device)
+    matched = torch.ones(size, dtype=torch.long, device=logits.device)
+    return logits, torch.cat([matched, torch.zeros_like(matched)])
 
 
 class TrainingDiverged(MedvlpError):
@@ -382,7 +382,8 @@ def pretrain(config: PretrainConfig, *, resume: bool = False, callbacks: Sequenc
     quiet_lightning()
     trainer = L.Trainer(
         default_root_dir=run_dir, max_steps=t.max_steps, max_epochs=1, accelerator=t.accelerator,
-        devices=t.devices, strategy=_strategy(t.strategy), num_nodes=t.num_nodes, precision=resolve_precision(t.precision),
+        devices=t.devices, strategy=_strategy(t.strategy), num_nodes=t.num_nodes,
+        precision=resolve_precision(t.precision),
         accumulate_grad_batches=t.accumulate, gradient_clip_val=config.optim.grad_clip or None,
         val_check_interval=t.val_every * t.accumulate, check_val_every_n_epoch=None,
         num_sanity_val_steps=0, log_every_n_steps=min(t.log_every, t.max_steps), logger=loggers, enable_checkpointing=False,
@@ -423,7 +424,6 @@ def zero_shot(run: Path | str, data: Path | str | None = None, split: str = "tes
               batch_size: int = 64) -> dict[str, float]:
     """Zero-shot image-text retrieval (Recall@1/5/10, both ways, in percent) of a pre-trained run on a prepared
     retrieval (or pre-training) dataset; by default the synthetic retrieval set the run's corpus came with."""
-    from medvlp.data.records import Records
     from medvlp.evaluation.retrieval import zero_shot_retrieval
 
     config, model, tokenizer = load_run(run)
@@ -434,8 +434,7 @@ def zero_shot(run: Path | str, data: Path | str | None = None, split: str = "tes
     dataset = FamilyDataset(root, split, config.model.image_size, train=False)
     loader = make_loader(dataset, Collator(tokenizer, max_length=config.data.max_text_len, mlm_probability=0.0),
                          batch_size=batch_size, num_workers=0)
-    image_ids = Records(root, split).column("image")
-    return {"pairs": len(dataset), **zero_shot_retrieval(model, loader, image_ids)}
+    return {"pairs": len(dataset), **zero_shot_retrieval(model, loader, dataset.records.column("image"))}
 
 
 def _strategy(name: str) -> str:
