@@ -3,7 +3,8 @@
 Everything a raw dataset can throw at us (16-bit grey, CMYK, palettes, alpha, grey stored as RGB, truncated or
 corrupt files) is either converted to 8-bit grey ("L") or RGB here, or refused with an ``ImageError`` whose message says what is
 wrong; the prepare pipeline counts and skips those. Stored images keep their original bytes when they are
-already a small enough 8-bit JPEG or PNG (no second lossy encoding); others are re-encoded once.
+already a small enough 8-bit JPEG or PNG (no second lossy encoding); others are re-encoded once. DICOM files
+(recognised by their magic, not their name) are rendered to 8 bits by ``dicom.py`` and stored as PNG.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from medvlp.data.records import StoredImage
+
+Window = str | tuple[float, float] | None  # a DICOM display window: see dicom.dicom_to_image
 
 Image.MAX_IMAGE_PIXELS = 20_000 * 20_000  # whole-slide scale; anything larger is refused, not decoded
 
@@ -74,25 +77,53 @@ def decode(data: bytes) -> Image.Image:
     return image
 
 
-def load_image(source: Path | bytes, max_short_side: int = 512) -> tuple[StoredImage, str | None]:
+def _read(source: Path | str | bytes) -> bytes:
+    if isinstance(source, bytes):
+        return source
+    try:
+        return Path(source).read_bytes()
+    except FileNotFoundError:
+        raise ImageError(f"image file {source} does not exist") from None
+    except OSError as e:
+        raise ImageError(f"image file {source} cannot be read ({e.strerror})") from None
+
+
+def _decode_any(data: bytes, source: Path | str | bytes, window: Window,
+                frame: int | None) -> tuple[Image.Image, str]:
+    """The decoded image and its format; DICOM (by its magic, or a ``.dcm`` name) goes through ``dicom.py``."""
+    from medvlp.data import dicom  # imports this module
+
+    if dicom.is_dicom(data) or (not isinstance(source, bytes) and Path(source).suffix.lower() == ".dcm"):
+        return dicom.dicom_to_image(data, window, frame), "dicom"
+    image = decode(data)
+    return image, (image.format or "").lower()
+
+
+def open_image(source: Path | str | bytes, *, window: Window = None, frame: int | None = None) -> Image.Image:
+    """Any image file medvlp reads (path or bytes: JPEG, PNG, ... or DICOM) as an 8-bit "L" or "RGB" image.
+
+    ``window`` and ``frame`` apply to DICOM only (see ``dicom.dicom_to_image``: a preset such as ``"lung"``,
+    ``"minmax"`` or ``(center, width)``; the frame of a multi-frame file, the middle one by default).
+    Raises ``ImageError`` with a one-line reason for anything unreadable.
+    """
+    data = _read(source)
+    return to_standard_mode(_decode_any(data, source, window, frame)[0])
+
+
+def load_image(source: Path | bytes, max_short_side: int = 512, *, window: Window = None,
+               frame: int | None = None) -> tuple[StoredImage, str | None]:
     """Read an image file (or bytes) for storing. Returns the stored image and a note on what was converted.
 
     ``max_short_side`` bounds the shorter side (0 keeps the size): fine-tuning crops at most 384 pixels, and a
-    bounded image keeps the data loader fast.
+    bounded image keeps the data loader fast. DICOM files are rendered to 8 bits (``window``, ``frame``: see
+    ``open_image``) and stored as PNG.
     """
-    if isinstance(source, Path):
-        try:
-            data = source.read_bytes()
-        except FileNotFoundError:
-            raise ImageError(f"image file {source} does not exist") from None
-        except OSError as e:
-            raise ImageError(f"image file {source} cannot be read ({e.strerror})") from None
-    else:
-        data = source
-    image = decode(data)
-    original_format, original_mode = (image.format or "").lower(), image.mode
+    data = _read(source)
+    image, original_format = _decode_any(data, source, window, frame)
+    original_mode = "DICOM" if original_format == "dicom" else image.mode
     converted = to_standard_mode(image)
-    note = None if converted is image else f"converted {original_mode} to {converted.mode}"
+    unchanged = converted is image and original_format != "dicom"
+    note = None if unchanged else f"converted {original_mode} to {converted.mode}"
     if converted.mode == "RGB" and _is_grey(converted):  # most radiographs ship as RGB with three equal channels
         converted = converted.convert("L")
         note = f"converted {original_mode} with grey content to L"
