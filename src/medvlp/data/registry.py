@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from medvlp.data.prepare import PrepareConfig, Reader, write_prepared
-from medvlp.data.readers import vqa_rad
+from medvlp.data.readers import slake, vqa_rad
 from medvlp.errors import DataError, MedvlpError
 
 
@@ -33,6 +33,11 @@ DATASETS: dict[str, DatasetSpec] = {
             "VQA-RAD radiology VQA (Lau et al. 2018): the M3AE 3,064/451 split or the original release",
             extra_fields=("image_name", "organ", "question_type", "phrase_type"),
         ),
+        DatasetSpec(
+            "slake", "vqa", slake.read, ("train", "val", "test"),
+            "SLAKE 1.0 radiology VQA (Liu et al. 2021), English questions: 4,919 / 1,053 / 1,061",
+            extra_fields=("image_name", "location", "modality", "content_type"),
+        ),
     ]
 }
 
@@ -48,6 +53,8 @@ def prepare(name: str, raw: Path, out: Path, config: PrepareConfig | None = None
     """Read a raw dataset as its publisher ships it and write it in the record format; returns the manifest."""
     spec, config = dataset(name), config or PrepareConfig()
     raw = Path(raw)
+    if config.layout == "hub":  # --raw is the download cache
+        raw.mkdir(parents=True, exist_ok=True)
     if not raw.is_dir():
         raise DataError(f"--raw {raw}: no such folder; point it at the unpacked {name} dataset")
     return write_prepared(spec.name, spec.family, spec.read(raw, config), Path(out), config,
