@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from medvlp.data.prepare import PrepareConfig, Reader, write_prepared
-from medvlp.data.readers import slake, vqa_rad
+from medvlp.data.readers import melinda, slake, vqa_med_2019, vqa_rad
 from medvlp.errors import DataError, MedvlpError
 
 
@@ -37,6 +37,16 @@ DATASETS: dict[str, DatasetSpec] = {
             "slake", "vqa", slake.read, ("train", "val", "test"),
             "SLAKE 1.0 radiology VQA (Liu et al. 2021), English questions: 4,919 / 1,053 / 1,061",
             extra_fields=("image_name", "location", "modality", "content_type"),
+        ),
+        DatasetSpec(
+            "vqa_med_2019", "vqa", vqa_med_2019.read, ("train", "val", "test"),
+            "VQA-Med-2019 (ImageCLEF): modality, organ and plane questions, all open",
+            extra_fields=("category", "image_name"),
+        ),
+        DatasetSpec(
+            "melinda", "classification", melinda.read, ("train", "val", "test"),
+            "MELINDA figure-caption classification by experiment method (Wu et al. 2021); options.label=i_meth",
+            extra_fields=("figure_file", "i_meth", "p_meth", "i_meth_label", "p_meth_label"),
         ),
     ]
 }
