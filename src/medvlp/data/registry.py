@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from medvlp.data.prepare import PrepareConfig, Reader, write_prepared
-from medvlp.data.readers import melinda, slake, vqa_med_2019, vqa_rad
+from medvlp.data.readers import medicat, melinda, roco, slake, vqa_med_2019, vqa_rad
 from medvlp.errors import DataError, MedvlpError
 
 
@@ -42,6 +42,19 @@ DATASETS: dict[str, DatasetSpec] = {
             "vqa_med_2019", "vqa", vqa_med_2019.read, ("train", "val", "test"),
             "VQA-Med-2019 (ImageCLEF): modality, organ and plane questions, all open",
             extra_fields=("category", "image_name"),
+        ),
+        DatasetSpec(
+            "roco", "pretrain", roco.read_pretrain, ("train", "val", "test"),
+            "ROCO radiology figures and captions (Pelka et al. 2018), for pre-training",
+        ),
+        DatasetSpec(
+            "roco_retrieval", "retrieval", roco.read_retrieval, ("train", "val", "test"),
+            "ROCO image-text retrieval: the same pairs, test sampled to 2,000 with a fixed seed",
+        ),
+        DatasetSpec(
+            "medicat", "pretrain", medicat.read, ("train", "val", "test"),
+            "MedICaT radiology figures with captions and inline references (Subramanian et al. 2020)",
+            extra_fields=("pdf_hash", "fig_uri"),
         ),
         DatasetSpec(
             "melinda", "classification", melinda.read, ("train", "val", "test"),
