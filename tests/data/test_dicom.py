@@ -58,6 +58,7 @@ def test_real_ct_rescaled_to_hounsfield_units_then_windowed():
         image = open_image(CT, window=preset)
         assert image.mode == "L" and np.array_equal(np.asarray(image), windowed(hu, *PRESETS[preset]))
     assert np.array_equal(np.asarray(open_image(CT, window=(40, 400))), windowed(hu, 40, 400))
+    assert np.array_equal(np.asarray(open_image(CT, window="-600,1500")), windowed(hu, *PRESETS["lung"]))
     assert not np.array_equal(np.asarray(open_image(CT, window="lung")), np.asarray(open_image(CT, window="bone")))
 
 

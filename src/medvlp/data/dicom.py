@@ -7,7 +7,7 @@ the rest of the pipeline treats like any decoded JPEG or PNG:
 2. grey data is rescaled to modality units (``RescaleSlope``/``RescaleIntercept``: Hounsfield units for CT);
 3. then mapped to 0..255 through a window: ``window=None`` uses the file's ``WindowCenter``/``WindowWidth``
    (the first pair where several are stored) and min–max where it has none; a preset name from ``PRESETS``
-   (CT, in Hounsfield units), ``"minmax"``, or an explicit ``(center, width)``;
+   (CT, in Hounsfield units), ``"minmax"``, or an explicit ``(center, width)`` (or ``"center,width"``);
 4. ``MONOCHROME1`` (where black is the highest value) is inverted, so bone is always bright;
 5. colour data (RGB, YBR — pydicom converts it to RGB — or a palette) passes through as RGB.
 
@@ -19,6 +19,7 @@ refused with that message.
 from __future__ import annotations
 
 import io
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +51,8 @@ def _window(window: Window) -> tuple[float, float] | str | None:
     """The requested window checked: None (the file's), "minmax", or (center, width)."""
     if window is None or window == "minmax":
         return window
+    if isinstance(window, str) and "," in window:  # "CENTER,WIDTH", as typed on a command line
+        window = window.split(",")
     if isinstance(window, str):
         if window.lower() not in PRESETS:
             raise ConfigError(f"window={window!r}: known presets are {', '.join(PRESETS)}, or minmax, "
@@ -68,8 +71,8 @@ def _first(value: object) -> float | None:
     """A window value as stored: one number, or several (the first is the default view)."""
     if value is None:
         return None
-    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
-        value = value[0] if len(value) else None  # type: ignore[index,arg-type]
+    if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):  # pydicom's MultiValue too
+        value = value[0] if len(value) else None
     try:
         return float(value)  # type: ignore[arg-type]
     except (TypeError, ValueError):
@@ -124,7 +127,7 @@ def dicom_to_image(source: Path | str | bytes, window: Window = None, frame: int
 
         pixels, samples = apply_color_lut(pixels, ds), 3
     if samples == 3:
-        if pixels.dtype != np.uint8:  # 16-bit colour: keep the high byte
+        if pixels.dtype != np.uint8:  # 16-bit colour: scaled to 8 bits
             pixels = (pixels.astype(np.float64) / (np.iinfo(pixels.dtype).max / 255.0)).round().astype(np.uint8)
         return Image.fromarray(np.ascontiguousarray(pixels), "RGB")
     slope, intercept = _first(ds.get("RescaleSlope")), _first(ds.get("RescaleIntercept"))
