@@ -26,7 +26,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from medvlp.cli import config_path
 from medvlp.models.model import build_model
 from medvlp.training.optim import build_optimizer
-from medvlp.training.pretrain import load_pretrain_config, pretrain_losses, resolve_precision
+from medvlp.training.pretrain import load_pretrain_config, pretrain_losses
+from medvlp.training.trainer import resolve_precision
 
 
 def matmul_peak(dtype: torch.dtype, device: str, seconds: float = 1.0, largest: int = 4096) -> float:

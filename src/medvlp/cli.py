@@ -76,6 +76,80 @@ def cmd_demo(args: argparse.Namespace) -> None:
     print(f"checkpoint: {run_dir / 'checkpoints'}\nlogs: {run_dir / 'logs'}\npictures: {run_dir / 'pictures'}")
 
 
+def cmd_finetune(args: argparse.Namespace) -> None:
+    import json
+
+    from medvlp.training.finetune import finetune, load_finetune_config
+
+    flags = [f"{key}={value}" for key, value in (("task", args.task), ("data", args.data), ("init", args.init))
+             if value is not None]
+    config = load_finetune_config(config_path(args.config), [*flags, *args.overrides])
+    run_dir = finetune(config)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    print_metrics(metrics, f"{config.task}, best validation step {metrics['best_step']}")
+    print(f"run folder: {run_dir} (model.safetensors, config.yaml, tokenizer/, metrics.json, logs/)")
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from medvlp.config import parse_override
+    from medvlp.training.finetune import evaluate_run
+
+    overrides: dict = {}
+    for text in args.overrides:
+        key, value = next(iter(parse_override(text).items()))
+        if not key.startswith("retrieval."):
+            raise MedvlpError(f"evaluate takes retrieval.* settings only (e.g. retrieval.eval_mode=exhaustive), "
+                              f"not {key}")
+        overrides[key.removeprefix("retrieval.")] = value
+    print_metrics(evaluate_run(args.run_dir, args.data, args.split, overrides), str(args.run_dir))
+
+
+def print_metrics(metrics: dict, title: str) -> None:
+    split = metrics["split"]
+    values = ", ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics[split].items())
+    print(f"{title}: {split} ({metrics['rows']:,} rows): {values}")
+
+
+def cmd_predict(args: argparse.Namespace) -> None:
+    from medvlp import predict
+
+    model = predict.load(args.run_dir, window=args.window, frame=args.frame)
+    if args.question is not None:
+        results = model.answer(_one_image(args), args.question, k=args.top)
+    elif args.text is not None:
+        results = model.classify(_one_image(args), args.text, k=args.top)
+    elif args.query is not None:
+        if args.images is None:
+            raise MedvlpError("--query ranks the images of a folder: give it with --images DIR")
+        results = [(str(path), score) for path, score in
+                   model.rank(predict.images_in(args.images), args.query)[:args.top]]
+    else:
+        raise MedvlpError("say what to predict: --question TEXT (VQA), --text TEXT (classification) or "
+                          "--query TEXT with --images DIR (ranking)")
+    for name, score in results:
+        print(f"{score:8.4f}  {name}")
+
+
+def _one_image(args: argparse.Namespace) -> Path:
+    if args.image is None:
+        raise MedvlpError("give the image with --image FILE")
+    return args.image
+
+
+def cmd_benchmark(args: argparse.Namespace) -> None:
+    from medvlp.evaluation.benchmark import benchmark
+
+    data = {}
+    for item in args.data:
+        task, _, folder = item.partition("=")
+        if not folder:
+            raise MedvlpError(f"--data {item}: write it as TASK=DIR, e.g. --data vqa=prepared/vqa_rad")
+        data[task] = folder
+    report = benchmark(args.init, args.out, tasks=args.tasks.split(","), data=data, seeds=args.seeds,
+                       scratch=not args.no_scratch, overrides=args.overrides)
+    print(report.read_text())
+
+
 def cmd_zeroshot(args: argparse.Namespace) -> None:
     from medvlp.training.pretrain import zero_shot
 
@@ -128,6 +202,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", type=Path, help="prepared retrieval pairs (default: the run's synthetic test pairs)")
     p.add_argument("--split", default="test")
     p.set_defaults(run=cmd_zeroshot)
+
+    p = sub.add_parser("finetune", help="fine-tune on Med-VQA, classification or retrieval")
+    p.add_argument("--task", choices=("vqa", "classification", "retrieval"), help="the downstream task")
+    p.add_argument("--data", help="a prepared dataset of the task (default: the synthetic corpus's)")
+    p.add_argument("--init", help="a pre-training run to start from (default: from scratch)")
+    _config_args(p)
+    p.set_defaults(run=cmd_finetune)
+
+    p = sub.add_parser("evaluate", help="evaluate a fine-tuned run on a split")
+    p.add_argument("run_dir", metavar="RUN", type=Path, help="a folder written by `medvlp finetune`")
+    p.add_argument("--data", type=Path, help="another prepared dataset of the same task and classes")
+    p.add_argument("--split", help="the split to evaluate (default: test)")
+    p.set_defaults(run=cmd_evaluate, overrides=[])
+    p.epilog = "Retrieval evaluation settings can be overridden, e.g. retrieval.eval_mode=exhaustive."
+
+    p = sub.add_parser("predict", help="answer, classify or rank with a fine-tuned run")
+    p.add_argument("run_dir", metavar="RUN", type=Path, help="a folder written by `medvlp finetune`")
+    p.add_argument("--image", type=Path, help="the image (PNG, JPEG, DICOM, ...)")
+    p.add_argument("--question", help="a question about the image (a VQA run)")
+    p.add_argument("--text", help="the text paired with the image (a classification run)")
+    p.add_argument("--query", help="a text to rank the images of --images by")
+    p.add_argument("--images", type=Path, help="a folder of images to rank")
+    p.add_argument("--top", type=int, default=5, help="how many results to print (default 5)")
+    p.add_argument("--window", help="DICOM display window: a preset (lung, bone, brain, ...), minmax or "
+                                    "CENTER,WIDTH (default: the file's own)")
+    p.add_argument("--frame", type=int, help="DICOM frame of a multi-frame file (default: the middle one)")
+    p.set_defaults(run=cmd_predict)
+
+    p = sub.add_parser("benchmark", help="fine-tune and evaluate every task, pre-trained and from scratch; "
+                                         "write one report")
+    p.add_argument("--init", help="the pre-training run to benchmark (default: only from scratch)")
+    p.add_argument("--out", type=Path, default=Path("runs/benchmark"), help="folder for the runs and the report")
+    p.add_argument("--tasks", default="vqa,classification,retrieval", help="comma-separated tasks")
+    p.add_argument("--data", action="append", default=[], metavar="TASK=DIR",
+                   help="a prepared dataset for a task (default: the synthetic corpus's); repeatable")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="fine-tuning seeds (default 0)")
+    p.add_argument("--no-scratch", action="store_true", help="skip the from-scratch baseline")
+    p.set_defaults(run=cmd_benchmark, overrides=[])
+    p.epilog = "Fine-tuning settings apply to every run as key=value, e.g. trainer.max_steps=1000."
 
     p = sub.add_parser("demo", help="the main job on the built-in synthetic corpus: no downloads, no GPU")
     p.add_argument("--out", type=Path, default=Path("runs/demo"), help="folder for everything it writes")

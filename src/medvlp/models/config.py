@@ -86,6 +86,8 @@ class ModelConfig:
       encoders are projected. The paper does not give it; 256 is ALBEF's choice (the M3AE/ALBEF lineage).
     - ``temperature``: initial temperature of the alignment losses (CLIP's 0.07); it is learned, as
       ``logit_scale = log(1 / temperature)``, and used clamped to at least 0.01 (CLIP's rule).
+    - ``num_classes``: width of the downstream classifier on the joint representation (the answer vocabulary
+      for Med-VQA, the labels for classification); 0 builds none (pre-training, retrieval).
     """
 
     vision: VisionConfig = field(default_factory=VisionConfig)
@@ -104,6 +106,7 @@ class ModelConfig:
     tie_mlm_weights: bool = True
     embed_dim: int = 256
     temperature: float = 0.07
+    num_classes: int = 0
 
     @property
     def grid_size(self) -> int:
@@ -158,6 +161,8 @@ class ModelConfig:
         if self.mlm_layer is not None and not 0 <= self.mlm_layer <= layers:
             raise ConfigError(f"model.mlm_layer = {self.mlm_layer} is out of range: use 0 to {layers}, or null "
                               "for the last layer")
+        if self.num_classes < 0:
+            raise ConfigError(f"model.num_classes = {self.num_classes} must be 0 (no classifier) or positive")
         if self.memory_slots < 0:
             raise ConfigError(f"model.memory_slots = {self.memory_slots} must be 0 (off) or positive")
         if self.embed_dim <= 0:

@@ -189,6 +189,22 @@ class VisionEncoder(nn.Module):
         patch_pos = grid.permute(0, 2, 3, 1).reshape(grid_h * grid_w, -1).to(table.dtype)
         return torch.cat([cls_pos, patch_pos], dim=0)
 
+    @torch.no_grad()
+    def resize_positions(self, grid: int) -> None:
+        """Replace the position table by its interpolation to a ``grid x grid`` patch grid (fine-tuning at a
+        larger image size), so that the new table is what is learned and saved from now on."""
+        if grid == self.native_grid:
+            return
+        table = self.position_embeddings(grid, grid).detach().clone()
+        old = self.model.embeddings.position_embedding
+        self.model.embeddings.position_embedding = nn.Embedding(table.shape[0], table.shape[1]).to(old.weight.device)
+        self.model.embeddings.position_embedding.weight.copy_(table)
+        self.model.embeddings.register_buffer("position_ids", torch.arange(table.shape[0]).unsqueeze(0),
+                                              persistent=False)
+        self.model.embeddings.num_patches, self.model.embeddings.num_positions = grid * grid, grid * grid + 1
+        self.model.config.image_size = grid * self.patch_size
+        self.native_grid = grid
+
     def forward(self, pixels: Tensor, mask_ratio: float = 0.0,
                 generator: torch.Generator | None = None) -> ImageEncoding:
         """``pixels``: normalised float [B, 3, H, W]; with ``mask_ratio > 0`` only the kept patches are encoded."""

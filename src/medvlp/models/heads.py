@@ -177,3 +177,20 @@ class AlignmentHead(nn.Module):
     def scale(self) -> Tensor:
         """The multiplier of cosine similarities: ``exp(min(logit_scale, log 100))``, a scalar tensor."""
         return self.logit_scale.clamp(max=MAX_LOGIT_SCALE).exp()
+
+
+class ClassifierHead(nn.Module):
+    """The downstream head of METER and M3AE on the joint representation: dense to twice its width, LayerNorm,
+    GELU, dense to the classes (answers for Med-VQA, labels for classification)."""
+
+    def __init__(self, joint_width: int, num_classes: int) -> None:
+        super().__init__()
+        if num_classes < 1:
+            raise ValueError(f"a classifier head needs at least one class, got {num_classes}")
+        self.num_classes = num_classes
+        self.net = nn.Sequential(nn.Linear(joint_width, 2 * joint_width), nn.LayerNorm(2 * joint_width), nn.GELU(),
+                                 nn.Linear(2 * joint_width, num_classes))
+        bert_init_(self)
+
+    def forward(self, joint: Tensor) -> Tensor:
+        return self.net(joint)

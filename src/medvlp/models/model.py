@@ -19,7 +19,7 @@ from medvlp.models.config import ModelConfig
 from medvlp.models.encoders import (ImageEncoding, Masking, build_text_encoder, build_vision_encoder,
                                     random_masking)
 from medvlp.models.fusion import CoAttentionFusion, FusionOutput
-from medvlp.models.heads import AlignmentHead, ITMHead, MIMDecoder, MLMHead
+from medvlp.models.heads import AlignmentHead, ClassifierHead, ITMHead, MIMDecoder, MLMHead
 
 __all__ = ["CLIP_MEAN", "CLIP_STD", "MedVLP", "MedVLPOutput", "build_model", "normalize_pixels", "param_groups",
            "patchify", "random_masking", "unpatchify"]
@@ -72,6 +72,7 @@ class MedVLPOutput:
     - ``mlm_logits`` [M, V]: only at the M positions to predict (``mlm_positions`` = ``mlm_labels != -100``,
       row-major order), because the vocabulary projection of every token would dominate the step's cost.
     - ``mim_pred`` [B, N, patch_size**2 * 3] for every patch (the loss keeps the dropped ones); ``itm_logits`` [B, 2].
+    - ``class_logits`` [B, num_classes]: the downstream classifier on the joint representation (``classify=True``).
     - Alignment (``align=True``), all unit-length projections of *this pass's* unimodal encoder outputs (so of
       the visible patches and of the masked text when the pass masks): ``image_embed`` [B, E] (class token),
       ``text_embed`` [B, E] (first text token), ``patch_embeds`` [B, K, E] (every visible patch),
@@ -87,6 +88,7 @@ class MedVLPOutput:
     mlm_logits: Tensor | None = None
     mim_pred: Tensor | None = None
     itm_logits: Tensor | None = None
+    class_logits: Tensor | None = None
     image_embed: Tensor | None = None
     text_embed: Tensor | None = None
     patch_embeds: Tensor | None = None
@@ -128,7 +130,8 @@ class MedVLPOutput:
 
 
 class MedVLP(nn.Module):
-    """Vision encoder, text encoder, co-attention fusion, the MLM / MIM / ITM heads and the alignment head.
+    """Vision encoder, text encoder, co-attention fusion, the MLM / MIM / ITM heads, the alignment head and, for
+    fine-tuning on Med-VQA or classification, a classifier (``cfg.num_classes > 0``).
 
     ``self.cfg`` is the config with the encoders' architecture numbers read back from what was actually built
     (a pretrained checkpoint decides its own sizes).
@@ -148,6 +151,7 @@ class MedVLP(nn.Module):
         self.itm_head = ITMHead(2 * width)
         self.align_head = AlignmentHead(self.vision.hidden_size, self.text.hidden_size, cfg.embed_dim,
                                         cfg.temperature)
+        self.classifier = ClassifierHead(2 * width, cfg.num_classes) if cfg.num_classes else None
         self.register_buffer("pixel_mean", torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(CLIP_STD).view(1, 3, 1, 1), persistent=False)
 
@@ -200,14 +204,22 @@ class MedVLP(nn.Module):
 
     # -- one pass -------------------------------------------------------------------------------------------------
 
+    def resize_image(self, image_size: int) -> None:
+        """Make ``image_size`` the model's native size (fine-tuning uses larger images than pre-training): the
+        position table is interpolated once to the new patch grid and becomes the table the model learns."""
+        self.vision.resize_positions(image_size // self.cfg.patch_size)
+        self.cfg = dataclasses.replace(self.cfg, image_size=image_size)
+
     def forward(self, batch: Mapping[str, Tensor], *, mask_image: bool = False, mask_text: bool = False,
-                itm: bool = False, align: bool = False, generator: torch.Generator | None = None) -> MedVLPOutput:
+                itm: bool = False, align: bool = False, classify: bool = False,
+                generator: torch.Generator | None = None) -> MedVLPOutput:
         """One pass over a batch; each head runs only when its task asks for it.
 
         - ``mask_image``: drop ``image_mask_ratio`` of the patches and predict their pixels (MIM).
         - ``mask_text``: read ``mlm_input_ids`` instead of ``input_ids`` and predict the words where
           ``mlm_labels != -100`` (MLM).
         - ``itm``: score the pairs with the ITM head (swap images beforehand with ``objectives.itm_batch``).
+        - ``classify``: the downstream classifier on the joint representation (Med-VQA answers, class labels).
         - ``align``: project the unimodal encoder outputs of this pass into the alignment space (global and
           token-level embeddings and the logit scale; see ``MedVLPOutput``) for ``objectives.itc_loss`` and
           ``objectives.local_alignment_loss``. One linear per modality over the whole sequence.
@@ -229,6 +241,10 @@ class MedVLP(nn.Module):
             out.mim_pred = self.mim_decoder(fused.image_states[self.cfg.mim_layer], image.masking.ids_restore, grid)
         if itm:
             out.itm_logits = self.itm_head(fused.joint)
+        if classify:
+            if self.classifier is None:
+                raise ValueError("classify=True needs a classifier: build the model with num_classes > 0")
+            out.class_logits = self.classifier(fused.joint)
         if align:
             image_tokens = self.align_head.embed_image(image.states)
             text_tokens = self.align_head.embed_text(text)
@@ -275,21 +291,25 @@ def _no_decay(model: nn.Module, name: str) -> bool:
             or isinstance(module, (nn.LayerNorm, nn.Embedding)))
 
 
-def param_groups(model: MedVLP, lr: float, weight_decay: float = 0.01,
-                 head_lr_multiplier: float = 5.0) -> list[dict]:
+def param_groups(model: MedVLP, lr: float, weight_decay: float = 0.01, head_lr_multiplier: float = 5.0,
+                 classifier_lr_multiplier: float | None = None) -> list[dict]:
     """AdamW parameter groups: encoders at ``lr``, fusion and heads at ``lr * head_lr_multiplier`` (M3AE uses
-    5x), each split into decayed and not-decayed parameters. Each group carries a ``name``; empty groups are
+    5x), the downstream classifier (new when fine-tuning) at ``lr * classifier_lr_multiplier`` (default: as the
+    heads); each split into decayed and not-decayed parameters. Each group carries a ``name``; empty groups are
     left out. A tied MLM projection counts once, as the text encoder's embedding table."""
+    multipliers = {"encoder": 1.0, "head": head_lr_multiplier,
+                   "classifier": head_lr_multiplier if classifier_lr_multiplier is None else classifier_lr_multiplier}
     groups: dict[str, dict] = {}
     for name, param in model.named_parameters():  # named_parameters() yields a shared (tied) tensor once
         if not param.requires_grad:
             continue
-        part = "encoder" if name.startswith(ENCODER_PREFIXES) else "head"
+        part = ("encoder" if name.startswith(ENCODER_PREFIXES) else
+                "classifier" if name.startswith("classifier.") else "head")
         no_decay = _no_decay(model, name)
         key = f"{part}_no_decay" if no_decay else part
         group = groups.setdefault(key, {
-            "name": key, "params": [], "weight_decay": 0.0 if no_decay else weight_decay,
-            "lr": lr * (head_lr_multiplier if part == "head" else 1.0),
+            "name": key, "params": [], "weight_decay": 0.0 if no_decay else weight_decay, "lr": lr * multipliers[part],
         })
         group["params"].append(param)
-    return [groups[key] for key in ("encoder", "encoder_no_decay", "head", "head_no_decay") if key in groups]
+    return [groups[f"{part}{suffix}"] for part in multipliers for suffix in ("", "_no_decay")
+            if f"{part}{suffix}" in groups]

@@ -205,25 +205,31 @@ def _at_least_two(batch_size: int) -> None:
                          "at least 2 samples")
 
 
-def hard_negatives(similarity: Tensor, generator: torch.Generator | None = None) -> Tensor:
-    """For each row (a text), draw one *other* column (an image) to pair it with: donors [B], long.
+def hard_negatives(similarity: Tensor, generator: torch.Generator | None = None, k: int | None = None) -> Tensor:
+    """For each row (a text), draw one *other* column (an image) to pair it with: donors [B], long; with ``k``,
+    ``k`` distinct other columns per row: donors [B, k] (retrieval fine-tuning ranks each positive against them).
 
     ``similarity`` [B, B] holds the logits of text ``t`` against image ``i`` (e.g. ``logit_scale * text_embed @
     image_embed.T``, detached or not: no gradient flows). Row ``t`` draws ``i != t`` with probability
     ``softmax`` over the row with the diagonal left out, so more similar (harder) negatives come more often
     (ALBEF's rule); the temperature of the logits sets how much more. For each image's negative text pass
     ``similarity.T``. One ``torch.multinomial`` over the masked weight matrix, no loop; deterministic for a
-    seeded ``generator`` (the draw runs on the generator's device). A batch of one has no negative: ValueError.
+    seeded ``generator`` (the draw runs on the generator's device). A batch of one has no negative, and a row
+    cannot draw more than ``B - 1`` distinct ones: ValueError.
     """
     if similarity.dim() != 2 or similarity.shape[0] != similarity.shape[1]:
         raise ValueError(f"hard_negatives needs a square [B, B] similarity, got {tuple(similarity.shape)}")
     size = similarity.shape[0]
     _at_least_two(size)
+    if k is not None and not 1 <= k < size:
+        raise ValueError(f"cannot draw {k} distinct negatives per sample from a batch of {size}")
     device = generator.device if generator is not None else similarity.device
     logits = similarity.detach().float().to(device)
     own = torch.eye(size, dtype=torch.bool, device=device)
-    weights = logits.masked_fill(own, float("-inf")).softmax(dim=1)
-    return torch.multinomial(weights, 1, generator=generator).squeeze(1).to(similarity.device)
+    # floored so that a row can always give k distinct others, however peaked its softmax
+    weights = logits.masked_fill(own, float("-inf")).softmax(dim=1).clamp_min(1e-12).masked_fill(own, 0.0)
+    donors = torch.multinomial(weights, k or 1, generator=generator).to(similarity.device)
+    return donors.squeeze(1) if k is None else donors
 
 
 def random_negatives(batch_size: int, generator: torch.Generator | None = None,

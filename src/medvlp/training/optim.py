@@ -1,6 +1,7 @@
 """Optimiser and schedule, as the papers train: AdamW; the fusion module and heads learn ``head_lr_mult``
-times faster than the pre-trained encoders; no weight decay on biases, norms, embeddings and learned tokens;
-linear warm-up over ``warmup`` of the steps, then linear decay to zero."""
+times faster than the pre-trained encoders (a fine-tuning classifier ``classifier_lr_mult`` times); no weight
+decay on biases, norms, embeddings and learned tokens; linear warm-up over ``warmup`` of the steps, then
+linear decay to zero."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from medvlp.models.model import MedVLP, param_groups
 class OptimConfig:
     lr: float = 1e-4  # encoders' learning rate
     head_lr_mult: float = 5.0  # fusion module and heads
+    classifier_lr_mult: float | None = None  # the downstream classifier, new when fine-tuning (None: head_lr_mult)
     weight_decay: float = 0.01
     betas: tuple[float, float] = (0.9, 0.98)
     eps: float = 1e-8
@@ -24,15 +26,16 @@ class OptimConfig:
     grad_clip: float = 1.0  # 0 turns clipping off
 
     def validate(self) -> None:
-        if self.lr <= 0 or self.head_lr_mult <= 0:
-            raise ConfigError(f"optim.lr={self.lr}, optim.head_lr_mult={self.head_lr_mult}: both must be > 0")
+        if self.lr <= 0 or self.head_lr_mult <= 0 or (self.classifier_lr_mult or 1) <= 0:
+            raise ConfigError(f"optim.lr={self.lr}, optim.head_lr_mult={self.head_lr_mult}, optim.classifier_lr_mult="
+                              f"{self.classifier_lr_mult}: all must be > 0")
         if self.warmup < 0 or self.weight_decay < 0 or self.grad_clip < 0:
             raise ConfigError("optim.warmup, optim.weight_decay and optim.grad_clip must be >= 0")
 
 
 def build_optimizer(model: MedVLP, config: OptimConfig) -> torch.optim.AdamW:
     """AdamW over {encoders, fusion + heads} x {decay, no decay} (see ``models.param_groups``)."""
-    groups = param_groups(model, config.lr, config.weight_decay, config.head_lr_mult)
+    groups = param_groups(model, config.lr, config.weight_decay, config.head_lr_mult, config.classifier_lr_mult)
     fused = all(p.is_cuda for g in groups for p in g["params"]) or None
     return torch.optim.AdamW(groups, betas=config.betas, eps=config.eps, fused=fused)
 

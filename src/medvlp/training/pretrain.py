@@ -42,13 +42,13 @@ from medvlp.data.records import read_manifest
 from medvlp.data.sampler import StreamSampler
 from medvlp.data.synthetic import SynthConfig, ensure_corpus
 from medvlp.errors import ConfigError, DataError, MedvlpError
-from medvlp.log import quiet_lightning
 from medvlp.models.config import ModelConfig, model_config
 from medvlp.models.model import MedVLP, build_model
 from medvlp.objectives import (hard_negatives, itc_loss, itm_batch, itm_loss, local_alignment_loss, mim_loss,
                                mlm_loss, random_negatives)
-from medvlp.training.checkpoint import Checkpointer, SafeCheckpointIO, resolve_checkpoint
+from medvlp.training.checkpoint import Checkpointer, resolve_checkpoint
 from medvlp.training.optim import OptimConfig, build_optimizer, build_schedule
+from medvlp.training.trainer import TrainerConfig, build_trainer
 
 log = logging.getLogger(__name__)
 
@@ -105,25 +105,6 @@ class DataConfig:
     num_workers: int = 2
     max_bad_fraction: float = 0.01  # of training samples whose image cannot be read, before the run stops
     crop_scale: tuple[float, float] = (0.5, 1.0)  # area range of the random resized crops
-
-
-@dataclass
-class TrainerConfig:
-    max_steps: int = 500
-    accumulate: int = 1
-    precision: str = "auto"  # bf16-mixed where bf16 matrix work is fast (GPU, CPU with AMX), else 32-true
-    accelerator: str = "auto"
-    devices: str = "auto"
-    strategy: str = "auto"  # "ddp", "fsdp", ... from Lightning
-    num_nodes: int = 1
-    seed: int = 0
-    val_every: int = 100  # steps between validations
-    val_batches: int = 4
-    checkpoint_every: int = 100
-    keep_checkpoints: int = 2
-    log_every: int = 10
-    pictures: int = 4  # held-out samples in each validation picture
-    progress_bar: bool = True
 
 
 @dataclass
@@ -375,22 +356,8 @@ def pretrain(config: PretrainConfig, *, resume: bool = False, callbacks: Sequenc
     val = Concat([FamilyDataset(r, _val_split(r), size, train=False) for r in roots])
     module = PretrainModule(config, build_model(config.model), tokenizer, train, val)
     t = config.trainer
-    # logs/version_N per launch: a resumed run adds a version instead of overwriting the first one's logs
-    csv = L.pytorch.loggers.CSVLogger(run_dir, name="logs")
-    loggers = [csv, L.pytorch.loggers.TensorBoardLogger(run_dir, name="logs", version=csv.version,
-                                                        default_hp_metric=False)]
-    quiet_lightning()
-    trainer = L.Trainer(
-        default_root_dir=run_dir, max_steps=t.max_steps, max_epochs=1, accelerator=t.accelerator,
-        devices=t.devices, strategy=_strategy(t.strategy), num_nodes=t.num_nodes,
-        precision=resolve_precision(t.precision),
-        accumulate_grad_batches=t.accumulate, gradient_clip_val=config.optim.grad_clip or None,
-        val_check_interval=t.val_every * t.accumulate, check_val_every_n_epoch=None,
-        num_sanity_val_steps=0, log_every_n_steps=min(t.log_every, t.max_steps), logger=loggers, enable_checkpointing=False,
-        callbacks=[Checkpointer(run_dir / "checkpoints", t.checkpoint_every, t.keep_checkpoints), *callbacks],
-        plugins=[SafeCheckpointIO()], use_distributed_sampler=False, enable_progress_bar=t.progress_bar,
-        enable_model_summary=False,
-    )
+    callbacks = [Checkpointer(run_dir / "checkpoints", t.checkpoint_every, t.keep_checkpoints), *callbacks]
+    trainer = build_trainer(run_dir, t, grad_clip=config.optim.grad_clip, callbacks=callbacks, validate=True)
     trainer.fit(module, ckpt_path=str(checkpoint) if checkpoint else None, weights_only=True)
     if trainer.is_global_zero:
         final = {k: round(v.item(), 4) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
@@ -435,26 +402,6 @@ def zero_shot(run: Path | str, data: Path | str | None = None, split: str = "tes
     loader = make_loader(dataset, Collator(tokenizer, max_length=config.data.max_text_len, mlm_probability=0.0),
                          batch_size=batch_size, num_workers=0)
     return {"pairs": len(dataset), **zero_shot_retrieval(model, loader, dataset.records.column("image"))}
-
-
-def _strategy(name: str) -> str:
-    """Plain DDP would stop at the first step: a config that switches objectives off leaves their heads (and,
-    e.g., the image stream's last fusion layer without ITM) without gradients. Those are found per step."""
-    return "ddp_find_unused_parameters_true" if name == "ddp" else name
-
-
-def resolve_precision(precision: str) -> str:
-    """``auto``: bf16 autocast where bf16 matrix work is fast (a CUDA GPU with bf16, a CPU with AMX), else fp32.
-    On a CPU without AMX (AVX2 only) bf16 matmuls are emulated and a tiny step ran 10x slower than in fp32."""
-    if precision != "auto":
-        return precision
-    if torch.cuda.is_available():
-        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        flags = ""
-    return "bf16-mixed" if "amx_bf16" in flags else "32-true"
 
 
 def _val_split(root: Path) -> str:

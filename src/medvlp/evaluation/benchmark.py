@@ -1,0 +1,156 @@
+"""The benchmark runner: fine-tune and evaluate every task from a pre-trained run and from scratch, then write
+one report (``report.md``, ``report.json`` and ``curves.png``) to the output folder.
+
+Every run gets the same fine-tuning config (the defaults plus the caller's overrides), so the only difference
+between the two columns of a table is the starting point. Where a dataset is one a paper reports on, the
+paper's figures stand beside ours (``PUBLISHED``).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import statistics
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from medvlp.data.records import read_manifest
+from medvlp.errors import MedvlpError
+from medvlp.training.downstream import TASKS
+from medvlp.training.finetune import finetune, load_finetune_config
+
+log = logging.getLogger(__name__)
+
+# What the report shows per task, in order (the first is the task's headline figure).
+COLUMNS = {
+    "vqa": ("overall_acc", "open_acc", "closed_acc"),
+    "classification": ("accuracy", "macro_f1"),
+    "retrieval": ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10"),
+}
+
+# Published test figures (%) of the full-size models, by prepared dataset name. M3AE: Chen et al., MICCAI 2022,
+# Table 1 (VQA). Each row agrees with its test split: VQA-RAD's 179 open / 272 closed questions give
+# (179 * 67.23 + 272 * 83.46) / 451 = 77.01 overall.
+PUBLISHED: dict[str, dict[str, dict[str, float]]] = {
+    "vqa_rad": {"M3AE (paper)": {"overall_acc": 77.01, "open_acc": 67.23, "closed_acc": 83.46}},
+    "slake": {"M3AE (paper)": {"overall_acc": 83.25, "open_acc": 80.31, "closed_acc": 87.82}},
+}
+
+
+def benchmark(init: str | None, out: Path | str, *, tasks: Sequence[str] = tuple(TASKS),
+              data: dict[str, str] | None = None, seeds: Sequence[int] = (0,), scratch: bool = True,
+              overrides: Sequence[str] = (), progress: bool = True) -> Path:
+    """Fine-tune ``init`` (and, with ``scratch``, a fresh model) on every task and seed; write the report and
+    return the path of ``report.md``. ``data`` maps a task to a prepared dataset (default: the synthetic
+    corpus's). Runs already finished in ``out`` (from an interrupted benchmark) are read, not repeated."""
+    out, data = Path(out), dict(data or {})
+    unknown = [t for t in (*tasks, *data) if t not in TASKS]
+    if unknown:
+        raise MedvlpError(f"unknown task {unknown[0]!r}; known: {', '.join(TASKS)}")
+    starts = ([("pre-trained", init)] if init else []) + ([("scratch", None)] if scratch else [])
+    if not starts:
+        raise MedvlpError("nothing to benchmark: give a pre-trained run (--init) or keep the scratch baseline")
+    results: dict[str, Any] = {"init": init, "tasks": {}}
+    for task in tasks:
+        runs = []
+        for start, source in starts:
+            for seed in seeds:
+                run_dir = out / task / f"{start}-seed{seed}"
+                if not (run_dir / "metrics.json").is_file():
+                    settings = [f"task={task}", f"run_dir={run_dir}", f"trainer.seed={seed}",
+                                f"trainer.progress_bar={str(progress).lower()}", *overrides]
+                    if task in data:
+                        settings.append(f"data={data[task]}")
+                    if source:
+                        settings.append(f"init={source}")
+                    log.info("benchmark: fine-tuning %s, %s, seed %d", task, start, seed)
+                    finetune(load_finetune_config(None, settings))
+                metrics = json.loads((run_dir / "metrics.json").read_text())
+                runs.append({"start": start, "seed": seed, "run_dir": str(run_dir), **metrics})
+        results["tasks"][task] = {"dataset": read_manifest(Path(runs[0]["data"]))["dataset"], "runs": runs}
+    (out / "report.json").write_text(json.dumps(results, indent=1) + "\n")
+    plot_curves(results, out / "curves.png")
+    report = out / "report.md"
+    report.write_text(markdown_report(results))
+    return report
+
+
+def _mean(values: list[float]) -> float:
+    values = [v for v in values if not math.isnan(v)]
+    return statistics.fmean(values) if values else float("nan")
+
+
+def summary(task_results: dict[str, Any], task: str) -> dict[str, dict[str, float]]:
+    """Mean test figures per starting point: ``{"pre-trained": {...}, "scratch": {...}}``."""
+    by_start: dict[str, list[dict[str, float]]] = {}
+    for run in task_results["runs"]:
+        by_start.setdefault(run["start"], []).append(run[run["split"]])
+    return {start: {c: _mean([m[c] for m in metrics]) for c in COLUMNS[task]} for start, metrics in by_start.items()}
+
+
+def markdown_report(results: dict[str, Any]) -> str:
+    lines = ["# medvlp benchmark", "", f"Pre-trained run: `{results['init'] or 'none (scratch only)'}`. "
+             "Test-split figures in %, each the best-validation checkpoint of its run; means over the seeds.", ""]
+    for task, task_results in results["tasks"].items():
+        columns = COLUMNS[task]
+        runs = task_results["runs"]
+        split = runs[0]["split"]
+        lines += [f"## {task} on {task_results['dataset']} ({split}, {runs[0]['rows']:,} rows)", "",
+                  "| model | seeds | " + " | ".join(columns) + " |", "|" + " --- |" * (len(columns) + 2)]
+        means = summary(task_results, task)
+        for start, figures in means.items():
+            seeds = ", ".join(str(r["seed"]) for r in runs if r["start"] == start)
+            lines.append(f"| {start} | {seeds} | " + " | ".join(f"{figures[c]:.2f}" for c in columns) + " |")
+        if {"pre-trained", "scratch"} <= means.keys():
+            margin = {c: means["pre-trained"][c] - means["scratch"][c] for c in columns}
+            lines.append("| pre-trained − scratch | | " + " | ".join(f"{margin[c]:+.2f}" for c in columns) + " |")
+        for name, figures in PUBLISHED.get(task_results["dataset"], {}).items():
+            lines.append(f"| {name} | | " + " | ".join(f"{figures[c]:.2f}" if c in figures else "" for c in columns)
+                         + " |")
+        lines += ["", "Per run: " + "; ".join(
+            f"{r['start']} seed {r['seed']}: {columns[0]} {r[split][columns[0]]:.2f} (best step {r['best_step']})"
+            for r in runs), ""]
+    lines += ["Training curves: `curves.png`; every run's folder holds its config, weights and logs.", ""]
+    return "\n".join(lines)
+
+
+def read_curve(run_dir: Path, name: str) -> tuple[list[int], list[float]]:
+    """(steps, values) of one logged metric from a run's CSV log."""
+    steps, values = [], []
+    for path in sorted(run_dir.glob("logs/version_*/metrics.csv")):
+        with path.open() as f:
+            for row in csv.DictReader(f):
+                if row.get(name) not in (None, ""):
+                    steps.append(int(row["step"]))
+                    values.append(float(row[name]))
+    return steps, values
+
+
+def plot_curves(results: dict[str, Any], path: Path) -> None:
+    """One column per task: training loss (top) and the validation selection metric (bottom), every run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = list(results["tasks"])
+    fig, axes = plt.subplots(2, len(tasks), figsize=(4.5 * len(tasks), 6), squeeze=False)
+    for column, task in enumerate(tasks):
+        selection = TASKS[task].selection
+        for run in results["tasks"][task]["runs"]:
+            label = f"{run['start']} s{run['seed']}"
+            style = "-" if run["start"] == "pre-trained" else "--"
+            axes[0][column].plot(*read_curve(Path(run["run_dir"]), "train/loss"), style, label=label, lw=1)
+            history = run.get("val_history", [])
+            axes[1][column].plot([h["step"] for h in history], [h[selection] for h in history], style + "o",
+                                 label=label, ms=3)
+        axes[0][column].set_title(f"{task}: training loss")
+        axes[1][column].set_title(f"{task}: validation {selection}")
+        axes[1][column].set_xlabel("step")
+        axes[0][column].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,148 @@
+"""The downstream tasks, one registry entry each: which data family it reads, its loss on a batch, how a split
+is evaluated, and which validation metric picks the best checkpoint.
+
+=================  ==============  ===========================================  ============================
+task               family          loss                                         metrics (selection first)
+=================  ==============  ===========================================  ============================
+``vqa``            vqa             BCE over the answer vocabulary (soft scores)  overall, open, closed acc.
+``classification`` classification  cross-entropy over the labels                 accuracy, macro F1
+``retrieval``      retrieval       ITC + ITM ranking against hard negatives      mean recall; R@1/5/10 both ways
+=================  ==============  ===========================================  ============================
+
+Med-VQA and classification put ``MedVLP.classifier`` on the joint representation. Retrieval fine-tunes the ITM
+score: each true pair is ranked against ``negatives`` images (for its text) and ``negatives`` texts (for its
+image) drawn from the batch by global similarity (hard negatives), fused from the encoder states of the one
+pass; the global contrastive loss trains alongside, because two-stage evaluation lets the global embeddings
+choose the candidates that the ITM score then re-ranks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from medvlp.errors import MedvlpError
+from medvlp.evaluation.metrics import classification_metrics, vqa_accuracy
+from medvlp.evaluation.retrieval import encode_pairs, retrieval_metrics
+from medvlp.models.model import MedVLP
+from medvlp.objectives import classification_loss, hard_negatives, itc_loss, match_score, ranking_loss, vqa_loss
+
+
+@dataclass
+class RetrievalConfig:
+    """Retrieval fine-tuning and evaluation."""
+
+    negatives: int = 3  # hard negatives per true pair, each way (images for its text, texts for its image)
+    itc: float = 1.0  # weight of the global contrastive loss beside the ITM ranking loss
+    eval_mode: str = "two-stage"  # "two-stage" | "exhaustive" | "zero-shot" (see evaluation/retrieval.py)
+    rerank_k: int = 16  # candidates per query that two-stage evaluation re-ranks with the ITM score
+    eval_batch_size: int = 256  # image-text pairs per fusion pass in evaluation
+
+
+Loss = Callable[[MedVLP, Mapping[str, Any], RetrievalConfig], tuple[Tensor, dict[str, Tensor]]]
+Evaluate = Callable[[MedVLP, Any, Any, RetrievalConfig], dict[str, float]]
+
+
+@dataclass(frozen=True)
+class DownstreamTask:
+    name: str
+    family: str  # the prepared datasets it reads (records.FAMILIES)
+    classes: str | None  # the manifest entry naming the classifier's classes ("answer_vocab", "labels") or None
+    selection: str  # validation metric that picks the best checkpoint; higher is better
+    loss: Loss
+    evaluate: Evaluate  # (model, loader, dataset, retrieval config) -> metrics of the whole split
+
+
+# -- Med-VQA -----------------------------------------------------------------------------------------------------
+def vqa_step(model: MedVLP, batch: Mapping[str, Any], _: RetrievalConfig) -> tuple[Tensor, dict[str, Tensor]]:
+    return vqa_loss(model(batch, classify=True), batch)
+
+
+@torch.no_grad()
+def evaluate_vqa(model: MedVLP, loader, dataset, _: RetrievalConfig) -> dict[str, float]:
+    correct, closed = [], []
+    for batch in _good_batches(loader):
+        predicted = model(batch, classify=True).class_logits.argmax(dim=1).cpu()
+        correct.append(predicted == batch["answer"])
+        closed.append(batch["closed"])
+    return vqa_accuracy(torch.cat(correct), torch.cat(closed))
+
+
+# -- classification ----------------------------------------------------------------------------------------------
+def classification_step(model: MedVLP, batch: Mapping[str, Any], _: RetrievalConfig):
+    return classification_loss(model(batch, classify=True), batch)
+
+
+@torch.no_grad()
+def evaluate_classification(model: MedVLP, loader, dataset, _: RetrievalConfig) -> dict[str, float]:
+    predicted, target = [], []
+    for batch in _good_batches(loader):
+        predicted.append(model(batch, classify=True).class_logits.argmax(dim=1).cpu())
+        target.append(batch["label"])
+    return classification_metrics(torch.cat(predicted), torch.cat(target))
+
+
+# -- retrieval ---------------------------------------------------------------------------------------------------
+def retrieval_step(model: MedVLP, batch: Mapping[str, Any], cfg: RetrievalConfig) -> tuple[Tensor, dict[str, Tensor]]:
+    """ITC on the pass's global embeddings, plus the ITM ranking loss of every true pair against ``negatives``
+    hard negatives per direction, fused from the same encoder states (no second encoding)."""
+    out = model(batch, itm=True, align=True)
+    size = out.text_features.shape[0]
+    loss, metrics = torch.zeros((), device=out.itm_logits.device), {}
+    if cfg.itc:
+        itc, m = itc_loss(out)
+        loss = loss + cfg.itc * itc
+        metrics.update({f"itc_{k}": v for k, v in m.items()})
+    k = min(cfg.negatives, size - 1)
+    if k < 1:  # a batch of one has nothing to rank against
+        return loss, metrics
+    similarity = out.logit_scale * out.text_embed @ out.image_embed.T  # [text, image]
+    mask = batch["attention_mask"].to(out.text_features.device)
+    positive = match_score(out.itm_logits)[:, None]  # [B, 1]
+    image_donors = hard_negatives(similarity, k=k)  # [B, k]: other images for each text
+    text_donors = hard_negatives(similarity.T, k=k)  # [B, k]: other texts for each image
+    text_rows = torch.arange(size, device=image_donors.device).repeat_interleave(k)
+    wrong_image = model.match(out.text_features[text_rows], mask[text_rows],
+                              out.image_features[image_donors.flatten()])
+    other_texts = text_donors.flatten()
+    wrong_text = model.match(out.text_features[other_texts], mask[other_texts], out.image_features[text_rows])
+    for name, negatives in (("t2i", wrong_image), ("i2t", wrong_text)):
+        rank, m = ranking_loss(torch.cat([positive, match_score(negatives).view(size, k)], dim=1))
+        loss = loss + rank / 2
+        metrics[f"rank_{name}_acc"] = m["accuracy"]
+    return loss, metrics
+
+
+@torch.no_grad()
+def evaluate_retrieval(model: MedVLP, loader, dataset, cfg: RetrievalConfig) -> dict[str, float]:
+    encoded = encode_pairs(model, loader, dataset.records.column("image"), states=cfg.eval_mode != "zero-shot")
+    metrics = retrieval_metrics(model, encoded, cfg.eval_mode, cfg.rerank_k, cfg.eval_batch_size)
+    return {"mean_recall": sum(metrics.values()) / len(metrics), **metrics}
+
+
+def _good_batches(loader):
+    for batch in loader:
+        if batch["n_bad"]:
+            raise MedvlpError(f"{batch['n_bad']} images of the evaluation split could not be read (the lines above "
+                              "name them); prepare the dataset again")
+        yield batch
+
+
+TASKS: dict[str, DownstreamTask] = {
+    task.name: task for task in [
+        DownstreamTask("vqa", "vqa", "answer_vocab", "overall_acc", vqa_step, evaluate_vqa),
+        DownstreamTask("classification", "classification", "labels", "accuracy", classification_step,
+                       evaluate_classification),
+        DownstreamTask("retrieval", "retrieval", None, "mean_recall", retrieval_step, evaluate_retrieval),
+    ]
+}
+
+
+def downstream_task(name: str) -> DownstreamTask:
+    if name not in TASKS:
+        raise MedvlpError(f"unknown task {name!r}; known: {', '.join(TASKS)}")
+    return TASKS[name]

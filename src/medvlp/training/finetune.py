@@ -1,0 +1,397 @@
+"""Fine-tuning: a pre-trained (or fresh) model on one downstream task, with model selection on validation.
+
+``finetune(config)`` reads a prepared dataset of the task's family (by default the synthetic corpus's), starts
+from ``init`` (a pre-training run, or a fine-tuned run of the same task and classes) or from scratch, resizes
+the model to the fine-tuning image size (the vision position table is interpolated once and then learned),
+trains for ``trainer.max_steps`` steps, evaluates the validation split every ``trainer.val_every`` steps and
+keeps the best weights by the task's selection metric, then evaluates the best weights on the test split.
+
+A fine-tuned run folder holds ``config.yaml`` (the resolved config, including the model's architecture and
+the classifier's classes in order), ``tokenizer/``, ``model.safetensors`` (the best weights), ``metrics.json``
+(best validation and test metrics) and ``logs/`` (training curves). ``load_finetuned`` reads it back.
+
+A dataset without a validation split (VQA-RAD ships train and test only) gives up ``val_fraction`` of its
+training *images*, with all their questions, so that no image is both trained on and validated on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch.utils.data import Dataset
+
+from medvlp.config import load_config, peek, save_config
+from medvlp.data.collate import Collator
+from medvlp.data.loader import FamilyDataset, make_loader
+from medvlp.data.records import read_manifest
+from medvlp.data.sampler import StreamSampler
+from medvlp.data.synthetic import SynthConfig, ensure_corpus
+from medvlp.errors import ConfigError, DataError, MedvlpError
+from medvlp.models.config import ModelConfig, model_config
+from medvlp.models.model import MedVLP, build_model
+from medvlp.training.checkpoint import load_weights, save_weights
+from medvlp.training.downstream import DownstreamTask, RetrievalConfig, downstream_task
+from medvlp.training.optim import OptimConfig, build_optimizer, build_schedule
+from medvlp.training.trainer import TrainerConfig, build_trainer
+
+log = logging.getLogger(__name__)
+
+WEIGHTS = "model.safetensors"
+FINETUNE_IMAGE_SIZE = {"tiny": 80, "base": 384}  # the papers fine-tune at 384 after pre-training at 288
+
+
+# -- config ------------------------------------------------------------------------------------------------------
+@dataclass
+class FinetuneConfig:
+    """One fine-tuning run. ``init`` names a pre-training run (or a fine-tuned run of the same task and classes);
+    ``null`` trains from scratch: the ``model_size`` model, with ``model.vision.pretrained`` /
+    ``model.text.pretrained`` encoders when set (the baseline without medical pre-training)."""
+
+    task: str = "vqa"  # vqa | classification | retrieval
+    data: str | None = None  # a prepared dataset of the task's family; null: the synthetic corpus's
+    init: str | None = None
+    run_dir: str = "runs/finetune"
+    model_size: str = "tiny"
+    model: ModelConfig = field(default_factory=lambda: model_config("tiny"))  # used when init is null
+    image_size: int | None = None  # fine-tuning image size; null: 80 for tiny, 384 for base
+    tokenizer: str | None = None  # null: init's tokenizer, else a BPE trained on the training texts
+    vocab_size: int = 4096
+    synthetic_dir: str = "runs/data/synthetic"
+    synthetic: SynthConfig = field(default_factory=SynthConfig)
+    label_field: str = "label"  # the record field a classification task learns (MELINDA: i_meth, p_meth, ...)
+    val_fraction: float = 0.1  # of the training images held out for validation when the data has no val split
+    max_text_len: int = 64
+    batch_size: int = 32
+    num_workers: int = 2
+    crop_scale: tuple[float, float] = (0.9, 1.0)  # training crops: mild, a question may ask about the edge
+    classes: list[str] = field(default_factory=list)  # the classifier's classes, filled from the data
+    retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, classifier_lr_mult=10.0, warmup=0.1))
+    trainer: TrainerConfig = field(default_factory=lambda: TrainerConfig(max_steps=300, val_every=100))
+
+    def validate(self) -> None:
+        downstream_task(self.task)
+        self.optim.validate()
+        t = self.trainer
+        if t.max_steps <= 0 or t.accumulate <= 0 or self.batch_size <= 0 or t.val_every <= 0:
+            raise ConfigError("trainer.max_steps, trainer.accumulate, trainer.val_every and batch_size must be "
+                              "positive")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ConfigError(f"val_fraction={self.val_fraction}: must be in (0, 1)")
+        low, high = self.crop_scale
+        if not 0 < low <= high <= 1:
+            raise ConfigError(f"crop_scale = [{low}, {high}]: need 0 < low <= high <= 1 (fractions of the area)")
+        r = self.retrieval
+        if r.negatives < 1 or r.rerank_k < 1 or r.itc < 0:
+            raise ConfigError("retrieval.negatives and retrieval.rerank_k must be >= 1 and retrieval.itc >= 0")
+        if self.task == "retrieval" and r.negatives >= self.batch_size:
+            raise ConfigError(f"retrieval.negatives={r.negatives} needs a batch_size above it (got "
+                              f"{self.batch_size}): negatives are drawn from the batch")
+
+
+def load_finetune_config(path: Path | str | None = None, overrides: Sequence[str] = ()) -> FinetuneConfig:
+    """Defaults of the named model size (``model_size``, read first), then the file, then the overrides."""
+    size = peek(path, overrides, "model_size", "tiny")
+    if size not in FINETUNE_IMAGE_SIZE:
+        raise ConfigError(f"unknown model size {size!r}; known sizes: {', '.join(sorted(FINETUNE_IMAGE_SIZE))}")
+    return load_config(FinetuneConfig, path, overrides, base=FinetuneConfig(model_size=size, model=model_config(size)))
+
+
+# -- the data ----------------------------------------------------------------------------------------------------
+class Rows(Dataset):
+    """Some rows of a dataset, addressed ``0 .. len - 1`` (by row or ``(key, row)`` like ``FamilyDataset``)."""
+
+    def __init__(self, dataset: FamilyDataset, rows: Sequence[int]):
+        self.dataset, self.rows, self.records = dataset, list(rows), dataset.records
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, item: int | tuple[int, int]) -> dict[str, Any] | None:
+        key, row = item if isinstance(item, tuple) else (item, item)
+        return self.dataset[(key, self.rows[row])]
+
+
+def holdout_images(image_of_row: Sequence[int], fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Split rows into (train, held-out) by image: ``fraction`` of the images, drawn with ``seed``, go out with
+    every row that shows them."""
+    images = sorted(set(image_of_row))
+    random.Random(seed).shuffle(images)
+    held = set(images[:max(1, round(fraction * len(images)))])
+    train = [row for row, image in enumerate(image_of_row) if image not in held]
+    return train, [row for row, image in enumerate(image_of_row) if image in held]
+
+
+def task_data(config: FinetuneConfig, task: DownstreamTask) -> Path:
+    """The prepared dataset to fine-tune on (the synthetic corpus's for the task when none is named)."""
+    root = Path(config.data) if config.data else ensure_corpus(Path(config.synthetic_dir), config.synthetic) / task.family
+    family = read_manifest(root)["family"]
+    if family != task.family:
+        raise DataError(f"{root} holds {family} data; task {config.task} needs {task.family} data "
+                        f"(choose task={_task_of(family)} or another dataset)")
+    return root
+
+
+def _task_of(family: str) -> str:
+    from medvlp.training.downstream import TASKS
+
+    return next((t.name for t in TASKS.values() if t.family == family), "?")
+
+
+def data_classes(root: Path, task: DownstreamTask, label_field: str) -> list[str]:
+    """The classifier's classes from the manifest (answers of every split, as the papers do), or the values of
+    ``label_field`` when a classification dataset trains on another field than ``label``."""
+    if task.classes is None:
+        return []
+    manifest = read_manifest(root)
+    if task.name == "classification" and label_field != "label":
+        from medvlp.data.records import Records
+
+        values = set()
+        for split in manifest["splits"]:
+            try:
+                values.update(v for v in Records(root, split).column(label_field) if v is not None)
+            except KeyError:
+                raise DataError(f"{root}: its records have no field {label_field!r} to classify by; set "
+                                "label_field to one they have") from None
+        return sorted(values)
+    return list(manifest.get(task.classes, []))
+
+
+def check_classes(have: Sequence[str], need: Sequence[str], source: str, data: Path) -> None:
+    """Refuse a classifier trained on other classes than the data's (never silently re-initialised)."""
+    if list(have) == list(need):
+        return
+    missing = [c for c in need if c not in set(have)]
+    example = f"; e.g. {missing[0]!r} is new" if missing else ""
+    raise MedvlpError(f"{source} was fine-tuned on {len(have)} classes but {data} has {len(need)}, in another "
+                      f"order or set{example}; fine-tune from the pre-training run instead (init=PRETRAIN_RUN)")
+
+
+# -- the model ---------------------------------------------------------------------------------------------------
+def initial_model(config: FinetuneConfig, classes: Sequence[str], texts) -> tuple[MedVLP, Any]:
+    """(model, tokenizer) to start from: ``init``'s weights, or a fresh model; its classifier sized to ``classes``
+    (a pre-training run's model gets a new one; a fine-tuned run's must already fit)."""
+    from medvlp.data.tokenizer import load_tokenizer, train_tokenizer
+    from medvlp.training.pretrain import with_tokenizer
+
+    if config.init:
+        model, tokenizer, init_classes, init_task = load_any(config.init)
+        if init_task is not None:
+            if init_task != config.task:
+                raise MedvlpError(f"init={config.init} was fine-tuned for {init_task}, not {config.task}; "
+                                  "start from a pre-training run")
+            check_classes(init_classes, classes, config.init, Path(config.data or "the data"))
+        elif classes:
+            fresh = MedVLP(dataclasses.replace(model.cfg, num_classes=len(classes)))
+            missing, _ = fresh.load_state_dict(model.state_dict(), strict=False)  # all but the new classifier
+            assert all(name.startswith("classifier.") for name in missing), missing
+            model = fresh
+        if config.tokenizer:
+            tokenizer = load_tokenizer(config.tokenizer)
+    else:
+        if config.tokenizer:
+            tokenizer = load_tokenizer(config.tokenizer)
+        else:
+            tokenizer = train_tokenizer(texts(), Path(config.run_dir) / "tokenizer", vocab_size=config.vocab_size)
+        model_cfg = dataclasses.replace(with_tokenizer(config.model, tokenizer), num_classes=len(classes))
+        model = build_model(model_cfg)
+    size = config.image_size or FINETUNE_IMAGE_SIZE[config.model_size]
+    if size % model.cfg.patch_size:
+        raise ConfigError(f"image_size={size} is not a multiple of the patch size {model.cfg.patch_size}")
+    model.resize_image(size)
+    return model.train(), tokenizer
+
+
+def load_any(path: Path | str) -> tuple[MedVLP, Any, list[str], str | None]:
+    """A pre-training run or a fine-tuned run: (model in eval mode, tokenizer, classes, task or None)."""
+    path = Path(path)
+    if (path / WEIGHTS).is_file() and (path / "config.yaml").is_file():
+        config, model, tokenizer = load_finetuned(path)
+        return model, tokenizer, config.classes, config.task
+    from medvlp.training.pretrain import load_run
+
+    _, model, tokenizer = load_run(path)
+    return model, tokenizer, [], None
+
+
+def load_finetuned(run: Path | str) -> tuple[FinetuneConfig, MedVLP, Any]:
+    """A fine-tuned run folder back as (config, model in eval mode with the best weights, tokenizer)."""
+    from medvlp.data.tokenizer import load_tokenizer
+
+    run = Path(run)
+    if not (run / "config.yaml").is_file() or not (run / WEIGHTS).is_file():
+        raise MedvlpError(f"{run}: not a fine-tuned run (expected config.yaml and {WEIGHTS}); give the run_dir "
+                          "`medvlp finetune` wrote")
+    config = load_config(FinetuneConfig, run / "config.yaml")
+    model = build_model(config.model)
+    missing, unexpected = model.load_state_dict(load_weights(run / WEIGHTS), strict=False)
+    if missing or unexpected:
+        raise MedvlpError(f"{run / WEIGHTS} does not fit the model of {run / 'config.yaml'}: {len(missing)} weights "
+                          f"missing (e.g. {missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]})")
+    return config, model.eval(), load_tokenizer(run / "tokenizer")
+
+
+# -- training ----------------------------------------------------------------------------------------------------
+class FinetuneModule(L.LightningModule):
+    def __init__(self, config: FinetuneConfig, task: DownstreamTask, model: MedVLP, tokenizer: Any, train_data):
+        super().__init__()
+        self.config, self.task, self.model, self.tokenizer = config, task, model, tokenizer
+        self.train_data = train_data
+
+    def train_dataloader(self):
+        c, t = self.config, self.config.trainer
+        sampler = StreamSampler(len(self.train_data), c.batch_size, t.max_steps * t.accumulate, seed=t.seed,
+                                rank=self.trainer.global_rank, world_size=self.trainer.world_size)
+        return make_loader(self.train_data, collator(c, self.tokenizer), batch_size=c.batch_size, sampler=sampler,
+                           num_workers=c.num_workers)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
+        if batch["n"] == 0:
+            return None
+        loss, metrics = self.task.loss(self.model, batch, self.config.retrieval)
+        if not torch.isfinite(loss):
+            raise MedvlpError(f"fine-tuning loss became {loss.item()} at step {self.global_step}; lower optim.lr")
+        self.log_dict({f"train/{k}": v for k, v in metrics.items()}, batch_size=batch["n"])
+        self.log("train/loss", loss.detach(), batch_size=batch["n"])
+        self.log("loss", loss.detach(), prog_bar=True, batch_size=batch["n"], logger=False)
+        return loss
+
+    def configure_optimizers(self):
+        optimizer = build_optimizer(self.model, self.config.optim)
+        schedule = build_schedule(optimizer, self.config.trainer.max_steps, self.config.optim.warmup)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+class ModelSelection(L.Callback):
+    """Every ``val_every`` steps and at the end: evaluate the validation split, log it, and write the weights
+    to ``model.safetensors`` when the selection metric beats the best so far."""
+
+    def __init__(self, evaluate, selection: str, run_dir: Path, every: int):
+        self.evaluate, self.selection, self.run_dir, self.every = evaluate, selection, run_dir, every
+        self.best: dict[str, float] | None = None
+        self.best_step = -1
+        self.history: list[dict[str, float]] = []
+
+    def _validate(self, trainer: L.Trainer, module: FinetuneModule) -> None:
+        step = trainer.global_step
+        if self.history and self.history[-1]["step"] == step:
+            return
+        module.model.eval()
+        with trainer.precision_plugin.forward_context():  # the training precision (bf16 autocast where used)
+            metrics = self.evaluate(module.model)
+        module.model.train()
+        self.history.append({"step": step, **metrics})
+        for logger in trainer.loggers:
+            logger.log_metrics({f"val/{k}": v for k, v in metrics.items()}, step=step)
+        if self.best is None or metrics[self.selection] > self.best[self.selection]:
+            self.best, self.best_step = metrics, step
+            if trainer.is_global_zero:
+                tmp = self.run_dir / f".{WEIGHTS}.tmp"
+                save_weights(module.model.state_dict(), tmp, {"step": str(step)})
+                tmp.replace(self.run_dir / WEIGHTS)
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step % self.every == 0 and (batch_idx + 1) % trainer.accumulate_grad_batches == 0:
+            self._validate(trainer, module)
+
+    def on_train_end(self, trainer, module) -> None:
+        self._validate(trainer, module)
+
+
+def collator(config: FinetuneConfig, tokenizer: Any) -> Collator:
+    return Collator(tokenizer, max_length=config.max_text_len, mlm_probability=0.0, seed=config.trainer.seed)
+
+
+def eval_loader(config: FinetuneConfig, tokenizer: Any, dataset: Dataset, batch_size: int | None = None):
+    return make_loader(dataset, collator(config, tokenizer), batch_size=batch_size or 2 * config.batch_size,
+                       num_workers=config.num_workers)
+
+
+def evaluation_split(root: Path, split: str | None = None) -> str:
+    splits = read_manifest(root)["splits"]
+    if split is not None:
+        return split
+    return next((s for s in ("test", "val", "validation") if splits.get(s, {}).get("rows")), "train")
+
+
+def finetune(config: FinetuneConfig, callbacks: Sequence[L.Callback] = ()) -> Path:
+    """Fine-tune as configured; returns the run folder (config, tokenizer, best weights, metrics, logs)."""
+    run_dir = Path(config.run_dir)
+    if (run_dir / WEIGHTS).exists():
+        raise MedvlpError(f"{run_dir} already holds a fine-tuned model; choose another run_dir")
+    config.validate()
+    task = downstream_task(config.task)
+    L.seed_everything(config.trainer.seed, verbose=False)
+    root = task_data(config, task)
+    config.data = str(root)
+    config.classes = data_classes(root, task, config.label_field)
+    if task.classes and not config.classes:
+        raise DataError(f"{root}: the manifest lists no {task.classes}; prepare the dataset again")
+    size = config.image_size or FINETUNE_IMAGE_SIZE[config.model_size]
+    args = dict(answer_vocab=config.classes, labels=config.classes, label_field=config.label_field)
+    train_full = FamilyDataset(root, "train", size, train=True, seed=config.trainer.seed,
+                               crop_scale=tuple(config.crop_scale), **args)
+    val_split = next((s for s in ("val", "validation") if s in read_manifest(root)["splits"]), None)
+    if val_split:
+        train, val = train_full, FamilyDataset(root, val_split, size, train=False, **args)
+    else:
+        train_rows, val_rows = holdout_images(train_full.records.column("image"), config.val_fraction,
+                                              config.trainer.seed)
+        train, val = Rows(train_full, train_rows), Rows(FamilyDataset(root, "train", size, train=False, **args),
+                                                        val_rows)
+        log.info("%s has no val split: %d of its training questions (%.0f%% of the images) held out for model "
+                 "selection", root, len(val_rows), 100 * config.val_fraction)
+
+    def texts():
+        field_name = {"vqa": "question", "classification": "text", "retrieval": "caption"}[task.family]
+        yield from train_full.records.column(field_name)
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    model, tokenizer = initial_model(config, config.classes, texts)
+    config.model, config.image_size = model.cfg, model.cfg.image_size
+    save_config(config, run_dir / "config.yaml")
+    if not (run_dir / "tokenizer" / "tokenizer.json").is_file():
+        tokenizer.save_pretrained(str(run_dir / "tokenizer"))
+
+    val_loader = eval_loader(config, tokenizer, val)
+    selection = ModelSelection(lambda m: task.evaluate(m, val_loader, val, config.retrieval), task.selection,
+                               run_dir, config.trainer.val_every)
+    trainer = build_trainer(run_dir, config.trainer, grad_clip=config.optim.grad_clip,
+                            callbacks=[selection, *callbacks], validate=False)
+    trainer.fit(FinetuneModule(config, task, model, tokenizer, train), weights_only=True)
+    if not trainer.is_global_zero:
+        return run_dir
+    metrics = evaluate_run(run_dir)
+    metrics = {"task": config.task, "data": config.data, "init": config.init, "best_step": selection.best_step, "val": selection.best, **metrics,
+               "val_history": selection.history}
+    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
+    return run_dir
+
+
+def evaluate_run(run: Path | str, data: Path | str | None = None, split: str | None = None,
+                 overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Evaluate a fine-tuned run (its best weights) on a split of its own dataset or of ``data`` (test by
+    default). ``overrides`` may change the retrieval evaluation (``{"eval_mode": "exhaustive"}``)."""
+    config, model, tokenizer = load_finetuned(run)
+    task = downstream_task(config.task)
+    root = Path(data) if data else Path(config.data)
+    family = read_manifest(root)["family"]
+    if family != task.family:
+        raise DataError(f"{root} holds {family} data; {run} was fine-tuned for {config.task} on {task.family} data")
+    check_classes(config.classes, data_classes(root, task, config.label_field), str(run), root)
+    split = evaluation_split(root, split)
+    dataset = FamilyDataset(root, split, config.model.image_size, train=False, answer_vocab=config.classes,
+                            labels=config.classes, label_field=config.label_field)
+    retrieval = dataclasses.replace(config.retrieval, **(overrides or {}))
+    metrics = task.evaluate(model, eval_loader(config, tokenizer, dataset), dataset, retrieval)
+    return {"split": split, "rows": len(dataset), split: metrics}
