@@ -81,3 +81,12 @@ def test_zero_shot_mode_reads_the_embeddings_only():
     pairs, _ = encoded(10, 0.0)  # texts embed exactly like their images
     m = retrieval_metrics(None, pairs, "zero-shot")
     assert m["i2t_r1"] == m["t2i_r1"] == 100.0
+
+
+def test_majority_answer_is_chosen_per_answer_type():
+    from medvlp.evaluation.metrics import majority_answer_accuracy
+
+    m = majority_answer_accuracy(["yes", "yes", "no", "lung", "liver", "lung"],
+                                 ["closed", "closed", "closed", "open", "open", "open"],
+                                 ["yes", "no", "lung", "brain"], ["closed", "closed", "open", "open"])
+    assert (m["closed_acc"], m["open_acc"], m["overall_acc"]) == (50.0, 50.0, 50.0)

@@ -169,10 +169,11 @@ class Concat(Dataset):
 
 
 def make_loader(dataset: Dataset, collator: Collator, *, batch_size: int, num_workers: int,
-                sampler: Sampler | None = None) -> DataLoader:
-    """Batches in ``sampler`` order (a ``StreamSampler`` for training; in order otherwise)."""
+                sampler: Sampler | None = None, persistent: bool = True) -> DataLoader:
+    """Batches in ``sampler`` order (a ``StreamSampler`` for training; in order otherwise). ``persistent`` keeps
+    the workers between passes (for a loader read once per validation, better off: nothing outlives a pass)."""
     return DataLoader(
         dataset, batch_size=batch_size, sampler=sampler, shuffle=False, num_workers=num_workers,
-        collate_fn=_Collate(collator), persistent_workers=num_workers > 0, pin_memory=torch.cuda.is_available(),
-        prefetch_factor=4 if num_workers > 0 else None,
+        collate_fn=_Collate(collator), persistent_workers=persistent and num_workers > 0,
+        pin_memory=torch.cuda.is_available(), prefetch_factor=4 if num_workers > 0 else None,
     )

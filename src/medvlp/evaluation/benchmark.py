@@ -1,8 +1,8 @@
 """The benchmark runner: fine-tune and evaluate every task from a pre-trained run and from scratch, then write
 one report (``report.md``, ``report.json`` and ``curves.png``) to the output folder.
 
-Every run gets the same fine-tuning config (the defaults plus the caller's overrides), so the only difference
-between the two columns of a table is the starting point. Where a dataset is one a paper reports on, the
+Every run gets the same fine-tuning config (the defaults plus the caller's overrides) and the scratch runs use
+the pre-trained run's tokenizer, so the only difference between the rows of a table is the starting weights. Where a dataset is one a paper reports on, the
 paper's figures stand beside ours (``PUBLISHED``).
 """
 
@@ -19,6 +19,7 @@ from typing import Any
 
 from medvlp.data.records import read_manifest
 from medvlp.errors import MedvlpError
+from medvlp.evaluation.metrics import majority_answer_accuracy
 from medvlp.training.downstream import TASKS
 from medvlp.training.finetune import finetune, load_finetune_config
 
@@ -45,7 +46,9 @@ def benchmark(init: str | None, out: Path | str, *, tasks: Sequence[str] = tuple
               overrides: Sequence[str] = (), progress: bool = True) -> Path:
     """Fine-tune ``init`` (and, with ``scratch``, a fresh model) on every task and seed; write the report and
     return the path of ``report.md``. ``data`` maps a task to a prepared dataset (default: the synthetic
-    corpus's). Runs already finished in ``out`` (from an interrupted benchmark) are read, not repeated."""
+    corpus's). ``overrides`` apply to every run, or with a ``TASK:`` prefix to one task's runs
+    (``retrieval:trainer.max_steps=100``). Runs already finished in ``out`` (from an interrupted benchmark) are
+    read, not repeated."""
     out, data = Path(out), dict(data or {})
     unknown = [t for t in (*tasks, *data) if t not in TASKS]
     if unknown:
@@ -61,21 +64,62 @@ def benchmark(init: str | None, out: Path | str, *, tasks: Sequence[str] = tuple
                 run_dir = out / task / f"{start}-seed{seed}"
                 if not (run_dir / "metrics.json").is_file():
                     settings = [f"task={task}", f"run_dir={run_dir}", f"trainer.seed={seed}",
-                                f"trainer.progress_bar={str(progress).lower()}", *overrides]
+                                f"trainer.progress_bar={str(progress).lower()}", *for_task(overrides, task)]
                     if task in data:
                         settings.append(f"data={data[task]}")
                     if source:
                         settings.append(f"init={source}")
+                    elif init:  # the pre-trained run's architecture and tokenizer: only the weights differ
+                        settings += scratch_like(init)
                     log.info("benchmark: fine-tuning %s, %s, seed %d", task, start, seed)
                     finetune(load_finetune_config(None, settings))
                 metrics = json.loads((run_dir / "metrics.json").read_text())
                 runs.append({"start": start, "seed": seed, "run_dir": str(run_dir), **metrics})
-        results["tasks"][task] = {"dataset": read_manifest(Path(runs[0]["data"]))["dataset"], "runs": runs}
+        root = Path(runs[0]["data"])
+        results["tasks"][task] = {"dataset": read_manifest(root)["dataset"], "runs": runs}
+        if task == "vqa":
+            results["tasks"][task]["baseline"] = majority_baseline(root, runs[0]["split"])
     (out / "report.json").write_text(json.dumps(results, indent=1) + "\n")
     plot_curves(results, out / "curves.png")
     report = out / "report.md"
     report.write_text(markdown_report(results))
     return report
+
+
+def majority_baseline(root: Path, split: str) -> dict[str, float]:
+    """The majority-answer baseline of a prepared VQA dataset on ``split`` (answers counted on train)."""
+    from medvlp.data.records import Records
+
+    train, test = Records(root, "train"), Records(root, split)
+    return majority_answer_accuracy(train.column("answer"), train.column("answer_type"), test.column("answer"),
+                                    test.column("answer_type"))
+
+
+def for_task(overrides: Sequence[str], task: str) -> list[str]:
+    """The overrides for ``task``: those without a ``TASK:`` prefix, and those with its own (prefix removed)."""
+    chosen = []
+    for override in overrides:
+        prefix, colon, rest = override.partition(":")
+        if not colon or "=" in prefix:
+            chosen.append(override)
+        elif prefix not in TASKS:
+            raise MedvlpError(f"{override}: {prefix!r} is not a task; write TASK:key=value with TASK one of "
+                              f"{', '.join(TASKS)}")
+        elif prefix == task:
+            chosen.append(rest)
+    return chosen
+
+
+def scratch_like(init: str) -> list[str]:
+    """Overrides that give a from-scratch run the model architecture and tokenizer of the pre-training run."""
+    from medvlp.config import load_config, to_dict
+    from medvlp.training.checkpoint import resolve_checkpoint
+    from medvlp.training.pretrain import PretrainConfig
+
+    run = resolve_checkpoint(init).parent.parent
+    config = load_config(PretrainConfig, run / "config.yaml")
+    tokenizer = config.data.tokenizer or run / "tokenizer"
+    return [f"model_size={config.model_size}", f"model={json.dumps(to_dict(config.model))}", f"tokenizer={tokenizer}"]
 
 
 def _mean(values: list[float]) -> float:
@@ -107,6 +151,9 @@ def markdown_report(results: dict[str, Any]) -> str:
         if {"pre-trained", "scratch"} <= means.keys():
             margin = {c: means["pre-trained"][c] - means["scratch"][c] for c in columns}
             lines.append("| pre-trained − scratch | | " + " | ".join(f"{margin[c]:+.2f}" for c in columns) + " |")
+        if "baseline" in task_results:
+            figures = task_results["baseline"]
+            lines.append("| majority answer per type | | " + " | ".join(f"{figures[c]:.2f}" for c in columns) + " |")
         for name, figures in PUBLISHED.get(task_results["dataset"], {}).items():
             lines.append(f"| {name} | | " + " | ".join(f"{figures[c]:.2f}" if c in figures else "" for c in columns)
                          + " |")

@@ -30,3 +30,16 @@ def classification_metrics(predicted: Tensor, target: Tensor) -> dict[str, float
     actual_pos = (target[:, None] == classes).sum(0).float()
     f1 = 2 * true_pos / (predicted_pos + actual_pos).clamp(min=1)
     return {"accuracy": 100.0 * (predicted == target).float().mean().item(), "macro_f1": 100.0 * f1.mean().item()}
+
+
+def majority_answer_accuracy(train_answers: list[str], train_types: list[str], test_answers: list[str],
+                             test_types: list[str]) -> dict[str, float]:
+    """The baseline that ignores the image and the question: every closed test question gets the commonest
+    closed training answer, every open one the commonest open training answer; accuracy as ``vqa_accuracy``."""
+    from collections import Counter
+
+    commonest = {kind: Counter(a for a, t in zip(train_answers, train_types) if t == kind).most_common(1)
+                 for kind in ("open", "closed")}
+    guess = {kind: top[0][0] if top else None for kind, top in commonest.items()}
+    correct = torch.tensor([answer == guess[kind] for answer, kind in zip(test_answers, test_types)])
+    return vqa_accuracy(correct, torch.tensor([kind == "closed" for kind in test_types]))

@@ -17,6 +17,7 @@ training *images*, with all their questions, so that no image is both trained on
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import logging
 import random
@@ -314,7 +315,7 @@ def collator(config: FinetuneConfig, tokenizer: Any) -> Collator:
 
 def eval_loader(config: FinetuneConfig, tokenizer: Any, dataset: Dataset, batch_size: int | None = None):
     return make_loader(dataset, collator(config, tokenizer), batch_size=batch_size or 2 * config.batch_size,
-                       num_workers=config.num_workers)
+                       num_workers=config.num_workers, persistent=False)
 
 
 def evaluation_split(root: Path, split: str | None = None) -> str:
@@ -326,6 +327,19 @@ def evaluation_split(root: Path, split: str | None = None) -> str:
 
 def finetune(config: FinetuneConfig, callbacks: Sequence[L.Callback] = ()) -> Path:
     """Fine-tune as configured; returns the run folder (config, tokenizer, best weights, metrics, logs)."""
+    try:
+        return _finetune(config, callbacks)
+    finally:
+        collect_loaders()
+
+
+def collect_loaders() -> None:
+    """Free a finished run's DataLoader iterators here: the trainer holds them in reference cycles, and if the
+    garbage collector met them first inside the next run's forked worker, they would print tracebacks there."""
+    gc.collect()
+
+
+def _finetune(config: FinetuneConfig, callbacks: Sequence[L.Callback]) -> Path:
     run_dir = Path(config.run_dir)
     if (run_dir / WEIGHTS).exists():
         raise MedvlpError(f"{run_dir} already holds a fine-tuned model; choose another run_dir")

@@ -25,6 +25,7 @@ what an uninterrupted run would have done.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import logging
 from collections.abc import Sequence
@@ -337,6 +338,13 @@ def with_tokenizer(model: ModelConfig, tokenizer: Any) -> ModelConfig:
 
 def pretrain(config: PretrainConfig, *, resume: bool = False, callbacks: Sequence[L.Callback] = ()) -> Path:
     """Pre-train a model as configured; returns the run folder (config, tokenizer, checkpoints, logs, pictures)."""
+    try:
+        return _pretrain(config, resume, callbacks)
+    finally:
+        gc.collect()  # see finetune.collect_loaders: the next run's workers must not inherit this run's loaders
+
+
+def _pretrain(config: PretrainConfig, resume: bool, callbacks: Sequence[L.Callback]) -> Path:
     run_dir = Path(config.run_dir)
     checkpoint = None
     if resume:

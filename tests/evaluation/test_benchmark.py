@@ -1,0 +1,38 @@
+"""The benchmark report: tables, margins, baselines and published figures from run results."""
+
+import pytest
+
+from medvlp.errors import MedvlpError
+from medvlp.evaluation.benchmark import for_task, markdown_report, summary
+
+
+def run(start, seed, overall):
+    return {"start": start, "seed": seed, "split": "test", "rows": 451, "best_step": 100,
+            "test": {"overall_acc": overall, "open_acc": overall - 10, "closed_acc": overall + 10}}
+
+
+RESULTS = {"init": "runs/pre", "tasks": {"vqa": {
+    "dataset": "vqa_rad", "baseline": {"overall_acc": 40.0, "open_acc": 5.0, "closed_acc": 60.0},
+    "runs": [run("pre-trained", 0, 60.0), run("pre-trained", 1, 62.0), run("scratch", 0, 50.0),
+             run("scratch", 1, 51.0)]}}}
+
+
+def test_summary_averages_the_seeds_per_starting_point():
+    means = summary(RESULTS["tasks"]["vqa"], "vqa")
+    assert means["pre-trained"]["overall_acc"] == 61.0 and means["scratch"]["overall_acc"] == 50.5
+
+
+def test_report_has_margin_baseline_and_the_papers_figures():
+    text = markdown_report(RESULTS)
+    assert "| pre-trained | 0, 1 | 61.00 | 51.00 | 71.00 |" in text
+    assert "| pre-trained − scratch | | +10.50 | +10.50 | +10.50 |" in text
+    assert "| majority answer per type | | 40.00 | 5.00 | 60.00 |" in text
+    assert "| M3AE (paper) | | 77.01 | 67.23 | 83.46 |" in text
+
+
+def test_task_prefixed_overrides_reach_only_their_task():
+    overrides = ["trainer.max_steps=10", "retrieval:retrieval.negatives=1", "vqa:image_size=96"]
+    assert for_task(overrides, "retrieval") == ["trainer.max_steps=10", "retrieval.negatives=1"]
+    assert for_task(overrides, "vqa") == ["trainer.max_steps=10", "image_size=96"]
+    with pytest.raises(MedvlpError, match="'caption' is not a task"):
+        for_task(["caption:x=1"], "vqa")
