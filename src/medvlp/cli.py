@@ -146,6 +146,13 @@ def cmd_predict(args: argparse.Namespace) -> None:
         print(f"{score:8.4f}  {name}")
 
 
+def _seeds(text: str) -> list[int]:
+    try:
+        return [int(seed) for seed in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give seeds as integers separated by commas, e.g. 0,1") from None
+
+
 def _one_image(args: argparse.Namespace) -> Path:
     if args.image is None:
         raise MedvlpError("give the image with --image FILE")
@@ -253,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tasks", default="vqa,classification,retrieval", help="comma-separated tasks")
     p.add_argument("--data", action="append", default=[], metavar="TASK=DIR",
                    help="a prepared dataset for a task (default: the synthetic corpus's); repeatable")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="fine-tuning seeds (default 0)")
+    p.add_argument("--seeds", type=_seeds, default=[0], help="comma-separated fine-tuning seeds (default 0)")
     p.add_argument("--no-scratch", action="store_true", help="skip the from-scratch baseline")
     p.set_defaults(run=cmd_benchmark, overrides=[])
     p.epilog = "Fine-tuning settings apply to every run as key=value, e.g. trainer.max_steps=1000."

@@ -56,7 +56,7 @@ def test_records_read_back(prepared):
 
 def test_validation_carved_from_train_by_seeded_fraction(tmp_path, shared_data):
     a = prepare("vqa_rad", shared_data / "vqa_rad", tmp_path / "a", PrepareConfig(val_fraction=0.1, seed=3))
-    b = prepare("vqa_rad", shared_data / "vqa_rad", tmp_path / "b", PrepareConfig(val_fraction=0.1, seed=4))
+    prepare("vqa_rad", shared_data / "vqa_rad", tmp_path / "b", PrepareConfig(val_fraction=0.1, seed=4))
     assert a["splits"]["val"]["rows"] == 306 and a["splits"]["train"]["rows"] == 3064 - 306
     assert a["splits"]["test"]["rows"] == 451
     val_a = set(Records(tmp_path / "a", "val").column("id"))

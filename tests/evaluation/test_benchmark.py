@@ -36,3 +36,10 @@ def test_task_prefixed_overrides_reach_only_their_task():
     assert for_task(overrides, "vqa") == ["trainer.max_steps=10", "image_size=96"]
     with pytest.raises(MedvlpError, match="'caption' is not a task"):
         for_task(["caption:x=1"], "vqa")
+
+
+def test_seeds_are_comma_separated_so_overrides_can_follow():
+    from medvlp.cli import build_parser
+
+    args, extra = build_parser().parse_known_args(["benchmark", "--seeds", "0,1", "trainer.max_steps=5"])
+    assert args.seeds == [0, 1] and extra == ["trainer.max_steps=5"]

@@ -210,3 +210,14 @@ def model_config(size: str, **overrides: Any) -> ModelConfig:
 
     config = copy.deepcopy(MODEL_SIZES[size])  # callers may mutate their copy; MODEL_SIZES stays as it is
     return merge(config, overrides, f"model_config({size!r})").validate()
+
+
+def model_size_of(path, overrides, known) -> str:
+    """The ``model_size`` a run config will have (read before the full load: it chooses the other defaults);
+    one line naming the known sizes when it is not one of ``known``."""
+    from medvlp.config import peek
+
+    size = peek(path, overrides, "model_size", "tiny")
+    if size not in known:
+        raise ConfigError(f"unknown model size {size!r}; known sizes: {', '.join(sorted(known))}")
+    return size

@@ -30,14 +30,15 @@ import lightning as L
 import torch
 from torch.utils.data import Dataset
 
-from medvlp.config import load_config, peek, save_config
+from medvlp.config import load_config, save_config
 from medvlp.data.collate import Collator
 from medvlp.data.loader import FamilyDataset, make_loader
 from medvlp.data.records import read_manifest
 from medvlp.data.sampler import StreamSampler
+from medvlp.data.transforms import check_crop_scale
 from medvlp.data.synthetic import SynthConfig, ensure_corpus
 from medvlp.errors import ConfigError, DataError, MedvlpError
-from medvlp.models.config import ModelConfig, model_config
+from medvlp.models.config import ModelConfig, model_config, model_size_of
 from medvlp.models.model import MedVLP, build_model
 from medvlp.training.checkpoint import load_weights, save_weights
 from medvlp.training.downstream import DownstreamTask, RetrievalConfig, downstream_task
@@ -88,9 +89,7 @@ class FinetuneConfig:
                               "positive")
         if not 0.0 < self.val_fraction < 1.0:
             raise ConfigError(f"val_fraction={self.val_fraction}: must be in (0, 1)")
-        low, high = self.crop_scale
-        if not 0 < low <= high <= 1:
-            raise ConfigError(f"crop_scale = [{low}, {high}]: need 0 < low <= high <= 1 (fractions of the area)")
+        check_crop_scale(self.crop_scale, "crop_scale")
         r = self.retrieval
         if r.negatives < 1 or r.rerank_k < 1 or r.itc < 0:
             raise ConfigError("retrieval.negatives and retrieval.rerank_k must be >= 1 and retrieval.itc >= 0")
@@ -101,9 +100,7 @@ class FinetuneConfig:
 
 def load_finetune_config(path: Path | str | None = None, overrides: Sequence[str] = ()) -> FinetuneConfig:
     """Defaults of the named model size (``model_size``, read first), then the file, then the overrides."""
-    size = peek(path, overrides, "model_size", "tiny")
-    if size not in FINETUNE_IMAGE_SIZE:
-        raise ConfigError(f"unknown model size {size!r}; known sizes: {', '.join(sorted(FINETUNE_IMAGE_SIZE))}")
+    size = model_size_of(path, overrides, FINETUNE_IMAGE_SIZE)
     return load_config(FinetuneConfig, path, overrides, base=FinetuneConfig(model_size=size, model=model_config(size)))
 
 

@@ -36,14 +36,15 @@ from typing import Any
 import lightning as L
 import torch
 
-from medvlp.config import load_config, peek, save_config
+from medvlp.config import load_config, save_config
 from medvlp.data.collate import Collator
 from medvlp.data.loader import Concat, FamilyDataset, make_loader
 from medvlp.data.records import read_manifest
 from medvlp.data.sampler import StreamSampler
+from medvlp.data.transforms import check_crop_scale
 from medvlp.data.synthetic import SynthConfig, ensure_corpus
 from medvlp.errors import ConfigError, DataError, MedvlpError
-from medvlp.models.config import ModelConfig, model_config
+from medvlp.models.config import ModelConfig, model_config, model_size_of
 from medvlp.models.model import MedVLP, build_model
 from medvlp.objectives import (hard_negatives, itc_loss, itm_batch, itm_loss, local_alignment_loss, mim_loss,
                                mlm_loss, random_negatives)
@@ -125,9 +126,7 @@ class PretrainConfig:
         t = self.trainer
         if t.max_steps <= 0 or t.accumulate <= 0 or self.data.batch_size <= 0:
             raise ConfigError("trainer.max_steps, trainer.accumulate and data.batch_size must be positive")
-        low, high = self.data.crop_scale
-        if not 0 < low <= high <= 1:
-            raise ConfigError(f"data.crop_scale = [{low}, {high}]: need 0 < low <= high <= 1 (fractions of the area)")
+        check_crop_scale(self.data.crop_scale, "data.crop_scale")
         if self.data.max_text_len + 2 > self.model.text.max_position_embeddings:
             raise ConfigError(f"data.max_text_len={self.data.max_text_len} does not fit the text encoder's "
                               f"{self.model.text.max_position_embeddings} positions")
@@ -135,9 +134,7 @@ class PretrainConfig:
 
 def load_pretrain_config(path: Path | str | None = None, overrides: Sequence[str] = ()) -> PretrainConfig:
     """Defaults of the named model size (``model_size``, read first), then the file, then the overrides."""
-    size = peek(path, overrides, "model_size", "tiny")
-    if size not in SIZE_OPTIM:
-        raise ConfigError(f"unknown model size {size!r}; known sizes: {', '.join(sorted(SIZE_OPTIM))}")
+    size = model_size_of(path, overrides, SIZE_OPTIM)
     base = PretrainConfig(model_size=size, model=model_config(size), optim=SIZE_OPTIM[size])
     return load_config(PretrainConfig, path, overrides, base=base)
 
