@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 from torch.utils.data import Subset
 
+from medvlp.data.loader import FamilyDataset
 from medvlp.evaluation.retrieval import encode_pairs, retrieval_metrics
 from medvlp.training.finetune import eval_loader, load_finetuned
-from medvlp.data.loader import FamilyDataset
 
 
 def main() -> None:
@@ -49,10 +49,9 @@ def main() -> None:
         start = time.perf_counter()
         metrics = retrieval_metrics(model, encoded, mode, args.k, args.batch_size)
         seconds[mode] = time.perf_counter() - start
-        passes = images * texts if mode == "exhaustive" else f"<= {(images + texts) * args.k:,}"
+        passes = f"{images * texts:,}" if mode == "exhaustive" else f"<= {(images + texts) * args.k:,}"
         ranks = "  ".join(f"{name} {value:5.1f}" for name, value in metrics.items())
-        print(f"{mode:>10}: {seconds[mode]:7.1f} s, fusion passes {passes if isinstance(passes, str) else f'{passes:,}'}"
-              f"\n            {ranks}")
+        print(f"{mode:>10}: {seconds[mode]:7.1f} s, fusion passes {passes}\n            {ranks}")
     print(f"two-stage (k={args.k}) is {seconds['exhaustive'] / seconds['two-stage']:.1f}x faster than exhaustive")
 
 

@@ -2,8 +2,9 @@
 one report (``report.md``, ``report.json`` and ``curves.png``) to the output folder.
 
 Every run gets the same fine-tuning config (the defaults plus the caller's overrides) and the scratch runs use
-the pre-trained run's tokenizer, so the only difference between the rows of a table is the starting weights. Where a dataset is one a paper reports on, the
-paper's figures stand beside ours (``PUBLISHED``).
+the pre-trained run's architecture and tokenizer, so the only difference between the rows of a table is the
+starting weights. Where a dataset is one a paper reports on, the paper's figures stand beside ours
+(``PUBLISHED``).
 """
 
 from __future__ import annotations

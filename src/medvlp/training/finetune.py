@@ -33,7 +33,7 @@ from torch.utils.data import Dataset
 from medvlp.config import load_config, save_config
 from medvlp.data.collate import Collator
 from medvlp.data.loader import FamilyDataset, make_loader
-from medvlp.data.records import read_manifest
+from medvlp.data.records import Records, read_manifest
 from medvlp.data.sampler import StreamSampler
 from medvlp.data.transforms import check_crop_scale
 from medvlp.data.synthetic import SynthConfig, ensure_corpus
@@ -41,7 +41,7 @@ from medvlp.errors import ConfigError, DataError, MedvlpError
 from medvlp.models.config import ModelConfig, model_config, model_size_of
 from medvlp.models.model import MedVLP, build_model
 from medvlp.training.checkpoint import load_weights, save_weights
-from medvlp.training.downstream import DownstreamTask, RetrievalConfig, downstream_task
+from medvlp.training.downstream import TASKS, DownstreamTask, RetrievalConfig, downstream_task
 from medvlp.training.optim import OptimConfig, build_optimizer, build_schedule
 from medvlp.training.trainer import TrainerConfig, build_trainer
 
@@ -131,7 +131,10 @@ def holdout_images(image_of_row: Sequence[int], fraction: float, seed: int) -> t
 
 def task_data(config: FinetuneConfig, task: DownstreamTask) -> Path:
     """The prepared dataset to fine-tune on (the synthetic corpus's for the task when none is named)."""
-    root = Path(config.data) if config.data else ensure_corpus(Path(config.synthetic_dir), config.synthetic) / task.family
+    if config.data:
+        root = Path(config.data)
+    else:
+        root = ensure_corpus(Path(config.synthetic_dir), config.synthetic) / task.family
     family = read_manifest(root)["family"]
     if family != task.family:
         raise DataError(f"{root} holds {family} data; task {config.task} needs {task.family} data "
@@ -140,8 +143,6 @@ def task_data(config: FinetuneConfig, task: DownstreamTask) -> Path:
 
 
 def _task_of(family: str) -> str:
-    from medvlp.training.downstream import TASKS
-
     return next((t.name for t in TASKS.values() if t.family == family), "?")
 
 
@@ -152,8 +153,6 @@ def data_classes(root: Path, task: DownstreamTask, label_field: str) -> list[str
         return []
     manifest = read_manifest(root)
     if task.name == "classification" and label_field != "label":
-        from medvlp.data.records import Records
-
         values = set()
         for split in manifest["splits"]:
             try:
@@ -383,7 +382,8 @@ def _finetune(config: FinetuneConfig, callbacks: Sequence[L.Callback]) -> Path:
     if not trainer.is_global_zero:
         return run_dir
     metrics = evaluate_run(run_dir)
-    metrics = {"task": config.task, "data": config.data, "init": config.init, "best_step": selection.best_step, "val": selection.best, **metrics,
+    metrics = {"task": config.task, "data": config.data, "init": config.init, "best_step": selection.best_step,
+               "val": selection.best, **metrics,
                "val_history": selection.history}
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
     return run_dir
