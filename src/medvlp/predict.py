@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from medvlp.data.collate import Collator
+from medvlp.data.collate import Collator, stack_images
 from medvlp.data.images import ImageError, Window, open_image
 from medvlp.data.transforms import EvalTransform
 from medvlp.errors import DataError, MedvlpError
@@ -83,10 +83,16 @@ class Predictor:
         """``images`` ordered by how well they match ``query`` (ITM log-odds, highest first), with the scores."""
         if not images:
             raise MedvlpError("rank: no images given")
+        tokens = self.collator.tokenizer([query], truncation=True, max_length=self.collator.max_length,
+                                         return_tensors="pt")
+        text = self.model.encode_text(tokens["input_ids"], tokens["attention_mask"])  # once, for every image
+        mask = tokens["attention_mask"].to(text.device)
         scores = []
         for start in range(0, len(images), batch_size):
-            chunk = images[start:start + batch_size]
-            logits = self.model(self.batch(chunk, [query] * len(chunk)), itm=True).itm_logits
+            pixels = stack_images([self.pixels(image) for image in images[start:start + batch_size]])
+            states = self.model.encode_image(pixels).states
+            size = states.shape[0]
+            logits = self.model.match(text.expand(size, -1, -1), mask.expand(size, -1), states)
             scores.extend(match_score(logits.float()).tolist())
         order = sorted(range(len(images)), key=lambda i: -scores[i])
         return [(images[i], scores[i]) for i in order]
