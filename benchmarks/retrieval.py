@@ -17,11 +17,10 @@ import time
 from pathlib import Path
 
 import torch
-from torch.utils.data import Subset
 
 from medvlp.data.loader import FamilyDataset
 from medvlp.evaluation.retrieval import encode_pairs, retrieval_metrics
-from medvlp.training.finetune import eval_loader, load_finetuned
+from medvlp.training.finetune import Rows, eval_loader, load_finetuned
 
 
 def main() -> None:
@@ -36,10 +35,9 @@ def main() -> None:
 
     config, model, tokenizer = load_finetuned(args.run)
     dataset = FamilyDataset(args.data or config.data, args.split, model.cfg.image_size, train=False)
-    rows = range(min(args.pairs, len(dataset)))
+    subset = Rows(dataset, range(min(args.pairs, len(dataset))))
     start = time.perf_counter()
-    encoded = encode_pairs(model, eval_loader(config, tokenizer, Subset(dataset, rows)),
-                           [dataset.records.column("image")[r] for r in rows])
+    encoded = encode_pairs(model, eval_loader(config, tokenizer, subset), subset.image_ids())
     encode_s = time.perf_counter() - start
     images, texts = encoded.image_embeds.shape[0], encoded.text_embeds.shape[0]
     print(f"{args.run}: {texts:,} texts, {images:,} images, {torch.get_num_threads()} threads; "

@@ -93,6 +93,16 @@ def test_holdout_keeps_every_question_of_an_image_together():
     assert len({images[r] for r in held}) == 2
 
 
+def test_a_subset_of_rows_names_the_images_of_its_own_rows(pretrained):
+    from medvlp.data.loader import FamilyDataset
+    from medvlp.training.finetune import Rows
+
+    dataset = FamilyDataset(pretrained.parent / "data" / "vqa", "train", 64, train=False)
+    rows = Rows(dataset, [7, 0, 12])
+    assert rows.image_ids() == [dataset.image_ids()[r] for r in (7, 0, 12)]
+    assert len(dataset.image_ids()) == len(dataset) and len(set(dataset.image_ids())) < len(dataset)
+
+
 def test_a_head_for_other_classes_is_refused(pretrained, tmp_path):
     run = finetune(settings(pretrained, "cls-refuse", "classification", f"init={pretrained}"))
     other = tmp_path / "other"

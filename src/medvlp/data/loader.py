@@ -60,6 +60,10 @@ class FamilyDataset(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
+    def image_ids(self) -> list[int]:
+        """Each row's image (rows with the same id show the same image): retrieval ranks images, not rows."""
+        return self.records.column("image")
+
     def __getitem__(self, item: int | tuple[int, int]) -> dict[str, Any] | None:
         """``dataset[row]``, or ``dataset[(key, row)]`` from a ``StreamSampler``: the key seeds this sample's
         randomness (crop, caption choice), so it does not depend on workers or on resuming."""

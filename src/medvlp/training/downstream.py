@@ -119,7 +119,7 @@ def retrieval_step(model: MedVLP, batch: Mapping[str, Any], cfg: RetrievalConfig
 
 @torch.no_grad()
 def evaluate_retrieval(model: MedVLP, loader, dataset, cfg: RetrievalConfig) -> dict[str, float]:
-    encoded = encode_pairs(model, loader, dataset.records.column("image"), states=cfg.eval_mode != "zero-shot")
+    encoded = encode_pairs(model, loader, dataset.image_ids(), states=cfg.eval_mode != "zero-shot")
     metrics = retrieval_metrics(model, encoded, cfg.eval_mode, cfg.rerank_k, cfg.eval_batch_size)
     return {"mean_recall": sum(metrics.values()) / len(metrics), **metrics}
 

@@ -80,6 +80,11 @@ class FinetuneConfig:
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, classifier_lr_mult=10.0, warmup=0.1))
     trainer: TrainerConfig = field(default_factory=lambda: TrainerConfig(max_steps=300, val_every=100))
 
+    @property
+    def resolved_image_size(self) -> int:
+        """``image_size``, or the model size's fine-tuning default when it is null."""
+        return self.image_size or FINETUNE_IMAGE_SIZE[self.model_size]
+
     def validate(self) -> None:
         downstream_task(self.task)
         self.optim.validate()
@@ -109,10 +114,14 @@ class Rows(Dataset):
     """Some rows of a dataset, addressed ``0 .. len - 1`` (by row or ``(key, row)`` like ``FamilyDataset``)."""
 
     def __init__(self, dataset: FamilyDataset, rows: Sequence[int]):
-        self.dataset, self.rows, self.records = dataset, list(rows), dataset.records
+        self.dataset, self.rows = dataset, list(rows)
 
     def __len__(self) -> int:
         return len(self.rows)
+
+    def image_ids(self) -> list[int]:
+        ids = self.dataset.image_ids()
+        return [ids[row] for row in self.rows]
 
     def __getitem__(self, item: int | tuple[int, int]) -> dict[str, Any] | None:
         key, row = item if isinstance(item, tuple) else (item, item)
@@ -202,7 +211,7 @@ def initial_model(config: FinetuneConfig, classes: Sequence[str], texts) -> tupl
             tokenizer = train_tokenizer(texts(), Path(config.run_dir) / "tokenizer", vocab_size=config.vocab_size)
         model_cfg = dataclasses.replace(with_tokenizer(config.model, tokenizer), num_classes=len(classes))
         model = build_model(model_cfg)
-    size = config.image_size or FINETUNE_IMAGE_SIZE[config.model_size]
+    size = config.resolved_image_size
     if size % model.cfg.patch_size:
         raise ConfigError(f"image_size={size} is not a multiple of the patch size {model.cfg.patch_size}")
     model.resize_image(size)
@@ -347,7 +356,7 @@ def _finetune(config: FinetuneConfig, callbacks: Sequence[L.Callback]) -> Path:
     config.classes = data_classes(root, task, config.label_field)
     if task.classes and not config.classes:
         raise DataError(f"{root}: the manifest lists no {task.classes}; prepare the dataset again")
-    size = config.image_size or FINETUNE_IMAGE_SIZE[config.model_size]
+    size = config.resolved_image_size
     args = dict(answer_vocab=config.classes, labels=config.classes, label_field=config.label_field)
     train_full = FamilyDataset(root, "train", size, train=True, seed=config.trainer.seed,
                                crop_scale=tuple(config.crop_scale), **args)
@@ -355,7 +364,7 @@ def _finetune(config: FinetuneConfig, callbacks: Sequence[L.Callback]) -> Path:
     if val_split:
         train, val = train_full, FamilyDataset(root, val_split, size, train=False, **args)
     else:
-        train_rows, val_rows = holdout_images(train_full.records.column("image"), config.val_fraction,
+        train_rows, val_rows = holdout_images(train_full.image_ids(), config.val_fraction,
                                               config.trainer.seed)
         train, val = Rows(train_full, train_rows), Rows(FamilyDataset(root, "train", size, train=False, **args),
                                                         val_rows)

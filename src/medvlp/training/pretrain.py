@@ -406,7 +406,7 @@ def zero_shot(run: Path | str, data: Path | str | None = None, split: str = "tes
     dataset = FamilyDataset(root, split, config.model.image_size, train=False)
     loader = make_loader(dataset, Collator(tokenizer, max_length=config.data.max_text_len, mlm_probability=0.0),
                          batch_size=batch_size, num_workers=0)
-    return {"pairs": len(dataset), **zero_shot_retrieval(model, loader, dataset.records.column("image"))}
+    return {"pairs": len(dataset), **zero_shot_retrieval(model, loader, dataset.image_ids())}
 
 
 def _val_split(root: Path) -> str:
