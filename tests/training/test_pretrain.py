@@ -125,6 +125,7 @@ class CountingModel(torch.nn.Module):
     ({"itc": 1.0}, [{"mask_text", "align"}, {"mask_image"}, {"itm"}], 0, {"mlm", "mim", "itm", "itc"}),
     ({"hard_negatives": True}, [{"mask_text", "itm", "align"}, {"mask_image"}], 1, {"mlm", "mim", "itm"}),
     ({"mlm": 0.0, "mim": 0.0, "itm": 0.0, "itc": 1.0}, [{"align"}], 0, {"itc"}),
+    ({"paired_masking": True, "mlm": 0.0, "itc": 1.0}, [{"mask_image", "itm", "align"}], 1, {"mim", "itm", "itc"}),
 ])
 def test_each_component_is_a_switch(switches, passes, matches, parts):
     from medvlp.training.pretrain import TasksConfig, pretrain_losses
@@ -137,6 +138,19 @@ def test_each_component_is_a_switch(switches, passes, matches, parts):
     assert torch.isfinite(loss)
     loss.backward()
     assert net.text.word_embeddings.weight.grad is not None and net.vision.model.embeddings.patch_embedding.weight.grad is not None
+
+
+@pytest.mark.parametrize("off", ["mlm", "mim"])
+def test_pictures_of_a_paired_run_without_mlm_or_mim(tmp_path, off):
+    from medvlp.data.tokenizer import train_tokenizer
+    from medvlp.training.pictures import save_pretrain_picture
+    from medvlp.training.pretrain import TasksConfig, pretrain_losses
+
+    net, batch = tiny_model_and_batch()
+    _, _, passes = pretrain_losses(net, batch, TasksConfig(paired_masking=True, **{off: 0.0}))
+    assert off not in passes and "pair" in passes
+    tokenizer = train_tokenizer(["a small round lesion in the left lung"] * 4, tmp_path / "tok", vocab_size=300)
+    assert save_pretrain_picture(tmp_path / "p.png", net, batch, passes, tokenizer, 2).is_file()
 
 
 def test_reused_itm_pairs_every_text_with_its_own_image_and_another():

@@ -151,7 +151,7 @@ def pretrain_losses(model: MedVLP, batch: dict[str, Any], tasks: TasksConfig) ->
     align, reuse = tasks.align, tasks.reuse_itm
     if tasks.paired_masking:
         passes["pair"] = model(batch, mask_image=bool(tasks.mim), mask_text=bool(tasks.mlm), itm=reuse, align=align)
-        passes["mlm"] = passes["mim"] = passes["pair"]
+        passes.update({name: passes["pair"] for name in ("mlm", "mim") if getattr(tasks, name)})
     else:
         if tasks.mlm:
             passes["mlm"] = passes["pair"] = model(batch, mask_text=True, itm=reuse, align=align)
