@@ -8,6 +8,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from medvlp.data.prepare import PrepareConfig
+from medvlp.data.registry import prepare
+
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
@@ -17,3 +20,9 @@ def png_bytes(size: int = 48, seed: int = 0, mode: str = "L") -> bytes:
     out = io.BytesIO()
     image.save(out, "PNG" if mode != "CMYK" else "JPEG")
     return out.getvalue()
+
+
+def prepare_reported(name: str, raw: Path, out: Path, **config) -> tuple[dict, list[str]]:
+    """``prepare`` a raw dataset with ``PrepareConfig(**config)``; returns the manifest and the lines it reported."""
+    lines: list[str] = []
+    return prepare(name, raw, out, PrepareConfig(**config), report=lines.append), lines

@@ -7,19 +7,17 @@ import io
 
 import numpy as np
 import pytest
+from helpers import prepare_reported
 from PIL import Image
 
 from medvlp.cli import main
-from medvlp.data.prepare import PrepareConfig
 from medvlp.data.records import Records
 from medvlp.data.registry import prepare
 from medvlp.errors import DataError
 
 
 def run(raw, out, **config):
-    lines: list[str] = []
-    manifest = prepare("vqa_rad", raw, out, PrepareConfig(**config), report=lines.append)
-    return manifest, lines
+    return prepare_reported("vqa_rad", raw, out, **config)
 
 
 def test_clean_folder_prepares(raw_vqa_rad, tmp_path):

@@ -9,11 +9,9 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from helpers import png_bytes
+from helpers import png_bytes, prepare_reported as run
 
-from medvlp.data.prepare import PrepareConfig
 from medvlp.data.records import Records
-from medvlp.data.registry import prepare
 from medvlp.errors import ConfigError, DataError
 
 IMAGE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
@@ -39,11 +37,6 @@ def vqa_rad_copy(root: Path, train_answers: list[str] | None = None) -> Path:
         "image": [images(1)[0], images(1, start=7)[0]], "question": ["is it normal?", "which organ?"],
         "answer": ["Yes", "liver"]})
     return root
-
-
-def run(name: str, raw: Path, out: Path, **config):
-    lines: list[str] = []
-    return prepare(name, raw, out, PrepareConfig(**config), report=lines.append), lines
 
 
 def test_vqa_rad_copy_infers_answer_types(tmp_path):

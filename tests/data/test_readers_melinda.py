@@ -8,11 +8,9 @@ import io
 from pathlib import Path
 
 import pytest
-from helpers import png_bytes
+from helpers import png_bytes, prepare_reported
 
-from medvlp.data.prepare import PrepareConfig
 from medvlp.data.records import Records
-from medvlp.data.registry import prepare
 from medvlp.errors import ConfigError, DataError
 
 HEADER = ["figure_file", "caption", "i_meth", "p_meth", "i_meth_label", "p_meth_label"]
@@ -41,8 +39,7 @@ def build(root: Path, edit=None, header: list[str] = HEADER, delimiter: str = ",
 
 
 def run(raw: Path, out: Path, **config):
-    lines: list[str] = []
-    return prepare("melinda", raw, out, PrepareConfig(**config), report=lines.append), lines
+    return prepare_reported("melinda", raw, out, **config)
 
 
 def test_prepares_with_i_meth_by_default(tmp_path):

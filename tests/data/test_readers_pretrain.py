@@ -7,9 +7,8 @@ import json
 from pathlib import Path
 
 import pytest
-from helpers import png_bytes
+from helpers import png_bytes, prepare_reported as run
 
-from medvlp.data.prepare import PrepareConfig
 from medvlp.data.records import Records
 from medvlp.data.registry import prepare
 from medvlp.errors import ConfigError, DataError
@@ -47,11 +46,6 @@ def build_roco(root: Path, *, fetched_names: bool = False, edit=None) -> Path:
             (folder / "dlinks.txt").write_text("\n".join(dlinks) + "\n")
             (folder / "keywords.txt").write_text("\n".join(keywords) + "\n")
     return root
-
-
-def run(name: str, raw: Path, out: Path, **config):
-    lines: list[str] = []
-    return prepare(name, raw, out, PrepareConfig(**config), report=lines.append), lines
 
 
 @pytest.mark.parametrize("fetched_names", [False, True])

@@ -8,7 +8,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from helpers import png_bytes
+from helpers import png_bytes, prepare_reported
 
 from medvlp.data.prepare import Example, PrepareConfig
 from medvlp.data.readers import slake
@@ -102,9 +102,8 @@ def test_built_folder_prepares(tmp_path):
 def test_bad_record_names_file_and_record(tmp_path, change, expected):
     train = [record(i) for i in range(12)]
     train[3] = {k: v for k, v in {**train[3], **change}.items() if v is not None}
-    lines: list[str] = []
-    manifest = prepare("slake", build(tmp_path / "raw", train), tmp_path / "out",
-                       PrepareConfig(max_bad_fraction=0.1), report=lines.append)
+    manifest, lines = prepare_reported("slake", build(tmp_path / "raw", train), tmp_path / "out",
+                                       max_bad_fraction=0.1)
     assert manifest["skipped"]["count"] == 1 and len(lines) == 1 and lines[0].startswith("skipped " + expected)
 
 

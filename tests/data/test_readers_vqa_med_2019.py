@@ -5,11 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from helpers import png_bytes
+from helpers import png_bytes, prepare_reported
 
-from medvlp.data.prepare import PrepareConfig
 from medvlp.data.records import Records
-from medvlp.data.registry import prepare
 from medvlp.errors import ConfigError, DataError
 
 ANSWERS = {"Modality": "ct w/contrast (iv)", "Organ": "Skull and Contents", "Plane": "axial",
@@ -36,8 +34,7 @@ def build(root: Path, edit=None) -> Path:
 
 
 def run(raw: Path, out: Path, **config):
-    lines: list[str] = []
-    return prepare("vqa_med_2019", raw, out, PrepareConfig(**config), report=lines.append), lines
+    return prepare_reported("vqa_med_2019", raw, out, **config)
 
 
 def test_prepares_three_categories_all_open(tmp_path):
