@@ -51,8 +51,7 @@ def main() -> None:
     optimizer = torch.optim.AdamW([*encoder.parameters(), *head.parameters()], lr=args.lr)
 
     def logits(pixels: torch.Tensor) -> torch.Tensor:
-        images = normalize_pixels(pixels.expand(-1, 3, -1, -1))
-        return head(encoder(images).cls)
+        return head(encoder(normalize_pixels(pixels)).cls)  # grey broadcasts to three channels
 
     print(f"{len(train_y)} training images, {len(val_y)} held out; majority class {100 * majority:.1f}%")
     start, generator = time.perf_counter(), torch.Generator().manual_seed(0)
