@@ -2,11 +2,13 @@
 
 Trains the ``tiny`` CLIP ViT from scratch with a linear head on the class token to predict the synthetic
 classification label (the finding pattern: normal, single lesion, multiple unilateral, bilateral) or, with
-``--binary``, only whether there is a lesion. Images are decoded once into memory at the pre-training size, so
-the run measures learning, not loading. Prints held-out accuracy every ``--every`` steps beside the majority
-class. If a supervised encoder cannot learn the label, no pre-training objective will teach it in that budget.
+``--binary``, only whether there is a lesion. ``--encoder cnn`` trains a small convolutional network instead
+(five 3x3 convolutions with BatchNorm, global max pooling), as a reference: it shows whether the lesions can be
+seen at this resolution at all. Images are decoded once into memory at the pre-training size, so the run
+measures learning, not loading. Prints held-out accuracy every ``--every`` steps beside the majority class. If
+a supervised encoder cannot learn the label, no pre-training objective will teach it in that budget.
 
-    python benchmarks/lesion_probe.py [--data runs/demo/data/classification] [--binary] [--steps 600]
+    python benchmarks/lesion_probe.py [--data runs/demo/data/classification] [--binary] [--encoder vit|cnn]
 """
 
 from __future__ import annotations
@@ -24,11 +26,22 @@ from medvlp.models.encoders import build_vision_encoder
 from medvlp.models.model import normalize_pixels
 
 
+def convolutional() -> torch.nn.Sequential:
+    """A small CNN to 128 features: full resolution first, two stride-2 stages, the maximum over positions."""
+    def block(inputs: int, outputs: int, stride: int) -> list[torch.nn.Module]:
+        return [torch.nn.Conv2d(inputs, outputs, 3, stride, 1), torch.nn.BatchNorm2d(outputs), torch.nn.ReLU()]
+
+    widths = [(3, 32, 1), (32, 64, 2), (64, 64, 1), (64, 128, 2), (128, 128, 1)]
+    return torch.nn.Sequential(*[m for w in widths for m in block(*w)], torch.nn.AdaptiveMaxPool2d(1),
+                               torch.nn.Flatten())
+
+
 def load(root: Path, split: str, size: int, binary: bool) -> tuple[torch.Tensor, torch.Tensor]:
     dataset = FamilyDataset(root, split, size, train=False)
     samples = [dataset[row] for row in range(len(dataset))]
     labels = torch.tensor([s["label"] for s in samples])
-    return torch.stack([s["pixels"] for s in samples]), (labels > 0).long() if binary else labels
+    normal = dataset.label_index["normal"]  # labels are indexed in sorted order: "normal" is not 0
+    return torch.stack([s["pixels"] for s in samples]), (labels != normal).long() if binary else labels
 
 
 def main() -> None:
@@ -39,6 +52,7 @@ def main() -> None:
     parser.add_argument("--every", type=int, default=150)
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--patch-size", type=int, default=16)
+    parser.add_argument("--encoder", choices=("vit", "cnn"), default="vit", help="the tiny ViT or a small CNN")
     args = parser.parse_args()
 
     config = model_config("tiny", patch_size=args.patch_size)
@@ -46,12 +60,18 @@ def main() -> None:
     val_x, val_y = load(args.data, "val", config.image_size, args.binary)
     majority = val_y.bincount().max().item() / len(val_y)
     torch.manual_seed(0)
-    encoder = build_vision_encoder(config.vision, config.image_size, config.patch_size)
-    head = torch.nn.Linear(encoder.hidden_size, int(train_y.max()) + 1)
-    optimizer = torch.optim.AdamW([*encoder.parameters(), *head.parameters()], lr=args.lr)
+    if args.encoder == "cnn":
+        trunk = convolutional()
+        features, width = trunk, 128
+    else:
+        trunk = build_vision_encoder(config.vision, config.image_size, config.patch_size)
+        features, width = (lambda pixels: trunk(pixels).cls), trunk.hidden_size
+    head = torch.nn.Linear(width, int(train_y.max()) + 1)
+    network = torch.nn.ModuleList([trunk, head])
+    optimizer = torch.optim.AdamW(network.parameters(), lr=args.lr)
 
     def logits(pixels: torch.Tensor) -> torch.Tensor:
-        return head(encoder(normalize_pixels(pixels)).cls)  # grey broadcasts to three channels
+        return head(features(normalize_pixels(pixels)))  # grey broadcasts to three channels
 
     print(f"{len(train_y)} training images, {len(val_y)} held out; majority class {100 * majority:.1f}%")
     start, generator = time.perf_counter(), torch.Generator().manual_seed(0)
@@ -62,8 +82,10 @@ def main() -> None:
         loss.backward()
         optimizer.step()
         if step % args.every == 0:
+            network.eval()  # BatchNorm's running statistics
             with torch.no_grad():
                 accuracy = (logits(val_x).argmax(-1) == val_y).float().mean().item()
+            network.train()
             print(f"step {step:5d}  train loss {loss.item():.3f}  held-out accuracy {100 * accuracy:5.1f}%  "
                   f"({time.perf_counter() - start:.0f} s)")
 
