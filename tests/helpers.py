@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import io
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 from PIL import Image
@@ -12,6 +14,7 @@ from medvlp.data.prepare import PrepareConfig
 from medvlp.data.registry import prepare
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 def png_bytes(size: int = 48, seed: int = 0, mode: str = "L") -> bytes:
@@ -26,3 +29,11 @@ def prepare_reported(name: str, raw: Path, out: Path, **config) -> tuple[dict, l
     """``prepare`` a raw dataset with ``PrepareConfig(**config)``; returns the manifest and the lines it reported."""
     lines: list[str] = []
     return prepare(name, raw, out, PrepareConfig(**config), report=lines.append), lines
+
+
+def benchmark_script(name: str) -> ModuleType:
+    """``benchmarks/<name>.py`` imported as a module (the scripts are not part of the package)."""
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -8,6 +8,7 @@ import shutil
 
 import pytest
 import torch
+from helpers import benchmark_script
 
 from medvlp import predict
 from medvlp.cli import main
@@ -160,3 +161,16 @@ def test_config_defaults_are_checked():
     FinetuneConfig().validate()
     with pytest.raises(ConfigError, match="crop_scale"):
         load_finetune_config(None, ["crop_scale=[0.9,0.1]"]).validate()
+
+
+def test_retrieval_benchmark_two_stage_equals_exhaustive_when_k_covers_every_candidate(pretrained, monkeypatch,
+                                                                                      capsys):
+    run = finetune(settings(pretrained, "retrieval-bench", "retrieval", f"init={pretrained}"))
+    monkeypatch.setattr("sys.argv", ["retrieval.py", str(run), "--pairs", "10", "--k", "10", "--batch-size", "7"])
+    benchmark_script("retrieval").main()
+    lines = capsys.readouterr().out.splitlines()
+    assert "10 texts, 10 images" in lines[0]
+    two_stage, exhaustive = lines[2], lines[4]  # the R@k line under each mode's timing line
+    assert lines[1].split(":")[0].strip() == "two-stage" and lines[3].split(":")[0].strip() == "exhaustive"
+    assert two_stage == exhaustive and "i2t_r10 100.0" in two_stage  # every candidate re-ranked: same ranking
+    assert "fusion passes 100" in lines[3] and "faster than exhaustive" in lines[5]
