@@ -52,3 +52,12 @@ def test_pretrain_throughput_prints_both_methods_and_their_ratio(monkeypatch, ca
     assert "matmul peak measured" in out
     assert "m3ae tiny" in out and "mpma tiny" in out
     assert "tiny: MPMA paired step / M3AE three-pass step = " in out
+
+
+def test_loader_throughput_reads_a_prepared_dataset(classification, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["loader.py", "--data", str(classification), "--image-size", "64",
+                                      "--batch-size", "4", "--workers", "0", "--batches", "3", "--warmup", "1"])
+    benchmark_script("loader").main()
+    out = capsys.readouterr().out
+    assert "(classification, split train, 24 records)" in out
+    assert "loader throughput:" in out and "samples/s over 2 batches" in out
