@@ -9,6 +9,7 @@ measures learning, not loading. Prints held-out accuracy every ``--every`` steps
 a supervised encoder cannot learn the label, no pre-training objective will teach it in that budget.
 
     python benchmarks/lesion_probe.py [--data runs/demo/data/classification] [--binary] [--encoder vit|cnn]
+                                      [--patch-size 16] [--layers 2] [--steps 600] [--lr 5e-4]
 """
 
 from __future__ import annotations
@@ -31,8 +32,8 @@ def convolutional() -> torch.nn.Sequential:
     def block(inputs: int, outputs: int, stride: int) -> list[torch.nn.Module]:
         return [torch.nn.Conv2d(inputs, outputs, 3, stride, 1), torch.nn.BatchNorm2d(outputs), torch.nn.ReLU()]
 
-    widths = [(3, 32, 1), (32, 64, 2), (64, 64, 1), (64, 128, 2), (128, 128, 1)]
-    return torch.nn.Sequential(*[m for w in widths for m in block(*w)], torch.nn.AdaptiveMaxPool2d(1),
+    layers = [(3, 32, 1), (32, 64, 2), (64, 64, 1), (64, 128, 2), (128, 128, 1)]  # (inputs, outputs, stride)
+    return torch.nn.Sequential(*[m for layer in layers for m in block(*layer)], torch.nn.AdaptiveMaxPool2d(1),
                                torch.nn.Flatten())
 
 
@@ -52,10 +53,11 @@ def main() -> None:
     parser.add_argument("--every", type=int, default=150)
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--patch-size", type=int, default=16)
+    parser.add_argument("--layers", type=int, default=2, help="Transformer layers of the ViT (tiny: 2)")
     parser.add_argument("--encoder", choices=("vit", "cnn"), default="vit", help="the tiny ViT or a small CNN")
     args = parser.parse_args()
 
-    config = model_config("tiny", patch_size=args.patch_size)
+    config = model_config("tiny", patch_size=args.patch_size, vision={"num_layers": args.layers})
     train_x, train_y = load(args.data, "train", config.image_size, args.binary)
     val_x, val_y = load(args.data, "val", config.image_size, args.binary)
     majority = val_y.bincount().max().item() / len(val_y)

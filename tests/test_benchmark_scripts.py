@@ -33,11 +33,12 @@ def test_lesion_probe_binary_label_is_lesion_or_none(classification):
     assert patterns.tolist() == [sorted(S.LABELS).index(label) for label in labels]
 
 
-@pytest.mark.parametrize("encoder", ["vit", "cnn"])
+@pytest.mark.parametrize("encoder", [["--encoder", "vit"], ["--encoder", "vit", "--patch-size", "8", "--layers", "1"],
+                                     ["--encoder", "cnn"]])
 def test_lesion_probe_trains_and_reports_held_out_accuracy(classification, encoder, monkeypatch, capsys):
     probe = benchmark_script("lesion_probe")
-    monkeypatch.setattr(sys, "argv", ["lesion_probe.py", "--data", str(classification), "--binary",
-                                      "--encoder", encoder, "--steps", "2", "--every", "1"])
+    monkeypatch.setattr(sys, "argv", ["lesion_probe.py", "--data", str(classification), "--binary", *encoder,
+                                      "--steps", "2", "--every", "1"])
     probe.main()
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("24 training images, 8 held out; majority class")
