@@ -27,13 +27,15 @@ from medvlp.models.encoders import build_vision_encoder
 from medvlp.models.model import normalize_pixels
 
 
+CNN_LAYERS = [(3, 32, 1), (32, 64, 2), (64, 64, 1), (64, 128, 2), (128, 128, 1)]  # (inputs, outputs, stride)
+
+
 def convolutional() -> torch.nn.Sequential:
-    """A small CNN to 128 features: full resolution first, two stride-2 stages, the maximum over positions."""
+    """A small CNN: full resolution first, two stride-2 stages, the maximum over positions."""
     def block(inputs: int, outputs: int, stride: int) -> list[torch.nn.Module]:
         return [torch.nn.Conv2d(inputs, outputs, 3, stride, 1), torch.nn.BatchNorm2d(outputs), torch.nn.ReLU()]
 
-    layers = [(3, 32, 1), (32, 64, 2), (64, 64, 1), (64, 128, 2), (128, 128, 1)]  # (inputs, outputs, stride)
-    return torch.nn.Sequential(*[m for layer in layers for m in block(*layer)], torch.nn.AdaptiveMaxPool2d(1),
+    return torch.nn.Sequential(*[m for layer in CNN_LAYERS for m in block(*layer)], torch.nn.AdaptiveMaxPool2d(1),
                                torch.nn.Flatten())
 
 
@@ -64,7 +66,7 @@ def main() -> None:
     torch.manual_seed(0)
     if args.encoder == "cnn":
         trunk = convolutional()
-        features, width = trunk, 128
+        features, width = trunk, CNN_LAYERS[-1][1]
     else:
         trunk = build_vision_encoder(config.vision, config.image_size, config.patch_size)
         features, width = (lambda pixels: trunk(pixels).cls), trunk.hidden_size

@@ -13,8 +13,9 @@ from PIL import Image
 from medvlp.data.prepare import PrepareConfig
 from medvlp.data.registry import prepare
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+ROOT = Path(__file__).resolve().parents[1]  # the repository
+SHARED_DATA = ROOT.parent / "shared" / "data"
+BENCHMARKS = ROOT / "benchmarks"
 
 
 def png_bytes(size: int = 48, seed: int = 0, mode: str = "L") -> bytes:
