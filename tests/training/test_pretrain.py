@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import lightning as L
 import pytest
 import torch
@@ -38,6 +40,7 @@ def test_run_writes_checkpoints_logs_pictures_and_config(tmp_path):
     assert sorted(p.name for p in (run / "pictures").iterdir()) == ["step-000003.png", "step-000006.png"]
     assert (run / "logs" / "version_0" / "metrics.csv").read_text().count("val/mlm_acc") == 1
     assert (run / "config.yaml").is_file() and (run / "tokenizer" / "tokenizer.json").is_file()
+    assert "val/itm_acc" in json.loads((run / "metrics.json").read_text())  # M3AE: its ITM pass is the protocol
     with pytest.raises(MedvlpError, match="already holds a run"):
         pretrain(config(tmp_path, "run"))
 
@@ -172,6 +175,22 @@ def test_a_batch_of_one_skips_the_reused_itm():
     assert "itm_loss" not in logs and "mlm_loss" in logs and "itc_loss" in logs
 
 
+def test_whole_image_alignment_reads_every_patch_while_the_fused_pass_stays_masked():
+    import dataclasses
+
+    from medvlp.training.pretrain import TasksConfig, pretrain_losses
+
+    net, batch = tiny_model_and_batch()
+    tasks = TasksConfig(paired_masking=True, itc=1.0, local=1.0, hard_negatives=True, align_whole_image=True)
+    _, logs, passes = pretrain_losses(net, batch, tasks)
+    pair, whole = passes["pair"], net.align_head.embed_image(net.encode_image(batch["pixels"]).states)
+    assert torch.allclose(pair.image_embed, whole[:, 0], atol=1e-5)
+    assert torch.allclose(pair.patch_embeds, whole[:, 1:], atol=1e-5) and pair.patch_embeds.shape[1] == 16
+    assert pair.image_features.shape[1] == 1 + 4 and {"mim_loss", "itc_loss", "local_loss"} <= logs.keys()
+    _, _, passes = pretrain_losses(net, batch, dataclasses.replace(tasks, align_whole_image=False))
+    assert passes["pair"].patch_embeds.shape[1] == 4  # switched off: the 4 visible patches of 16
+
+
 @pytest.mark.parametrize("name", ["m3ae-tiny", "mpma-tiny", "m3ae-base", "mpma-base"])
 def test_shipped_configs_load_and_say_what_the_papers_do(name):
     from pathlib import Path
@@ -184,6 +203,7 @@ def test_shipped_configs_load_and_say_what_the_papers_do(name):
     assert config.tasks.paired_masking == config.tasks.hard_negatives == mpma
     assert bool(config.tasks.itc) == bool(config.tasks.local) == mpma
     assert (config.model.memory_slots > 0) == mpma
+    assert config.tasks.align_whole_image == (name == "mpma-tiny")
     if name.endswith("base"):
         assert config.model.fusion.hidden_size == 768 and config.optim.lr == 1e-5 and config.data.batch_size == 256
 
@@ -198,6 +218,8 @@ def test_mpma_run_and_zero_shot_retrieval_from_its_checkpoint(tmp_path):
                                                                    for k in (1, 5, 10)}
     assert all(0.0 <= v <= 100.0 for k, v in metrics.items() if k != "pairs")
     assert metrics["i2t_r5"] == metrics["t2i_r5"] == 100.0  # 4 candidates: all of them within 5
+    final = json.loads((run / "metrics.json").read_text())  # ITM by M3AE's protocol, and the objective's own
+    assert {"val/itm_acc", "val/itm_objective_acc"} <= final.keys()
     _, model, _ = load_run(run)
     saved = load_weights(resolve_checkpoint(run) / WEIGHTS)
     assert torch.equal(model.fusion.memory, saved["model.fusion.memory"])
@@ -212,3 +234,23 @@ def test_load_run_refuses_weights_of_another_model(tmp_path):
                                                                                "memory_slots: 8"))
     with pytest.raises(MedvlpError, match=r"does not fit the model .* 33 weights missing \(e.g. \[.fusion.memory."):
         load_run(run)
+
+
+def test_exported_encoders_start_another_run_with_their_weights(tmp_path):
+    from medvlp.data.tokenizer import load_tokenizer
+    from medvlp.models.model import build_model
+    from medvlp.training.pretrain import export_encoders, load_run, with_tokenizer
+
+    run = pretrain(config(tmp_path, "run", "trainer.max_steps=3"))
+    paths = export_encoders(run, tmp_path / "export")
+    _, trained, tokenizer = load_run(run)
+    follow = config(tmp_path, "next", f"model.vision.pretrained={paths['vision']}",
+                    f"model.text.pretrained={paths['text']}", f"data.tokenizer={paths['tokenizer']}")
+    model = build_model(with_tokenizer(follow.model, tokenizer))
+    for part in ("vision", "text"):
+        a, b = getattr(trained, part).state_dict(), getattr(model, part).state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(trained.fusion.text_proj.weight, model.fusion.text_proj.weight)  # only the encoders
+    assert load_tokenizer(paths["tokenizer"])("a lesion")["input_ids"] == tokenizer("a lesion")["input_ids"]
+    with pytest.raises(MedvlpError, match="already exists"):
+        export_encoders(run, tmp_path / "export")

@@ -14,8 +14,14 @@ own text. Under paired masking that is the masked pass: the global loss compares
 of which 25% of the patches were seen and of a text with 15% of its words masked, and the local loss matches
 words to the visible patches only. This is FLIP's recipe (Li et al., CVPR 2023): contrastive learning on
 masked images works about as well and costs a quarter of the vision encoder; it is what makes the paired step
-one encoder pass instead of three. In the three-pass step the pair pass is the MLM pass (whole image, masked
-text). Zero-shot retrieval then embeds whole images and whole texts (``MedVLP.embed_image``/``embed_text``).
+one encoder pass instead of three. FLIP measured that at scale and over long schedules; over the few hundred
+steps of a tiny model from scratch it halves the alignment (``mpma-tiny``, 500 steps: zero-shot R@1 0.4% /
+0.5% against 1.2% / 1.1%). So ``align_whole_image`` encodes the whole image once more, vision encoder only, and
+the alignment losses and the hard-negative similarities read that (the fused passes still see the masked
+image). ``mpma-tiny`` switches it on (7% more time per step there); ``mpma-base`` keeps FLIP's one pass, where
+a whole-image pass of ViT-B/16 would cost more than the rest of the vision work of the step. In the three-pass
+step the pair pass is the MLM pass (whole image, masked text). Zero-shot retrieval embeds whole images and whole
+texts (``MedVLP.embed_image``/``embed_text``).
 
 Every step's randomness (masks, swaps, negatives, dropout) is seeded from ``(seed, step)`` and every sample's
 (crop, caption choice, word masking) from its position in the sample stream, so a resumed run repeats exactly
@@ -71,6 +77,7 @@ class TasksConfig:
     local: float = 0.0  # word-to-patch alignment (MPMA's GLA, local part)
     paired_masking: bool = False  # MPMA: one pass with masked image and masked text; M3AE: separate passes
     hard_negatives: bool = False  # ITM negatives drawn by similarity instead of uniformly
+    align_whole_image: bool = False  # alignment reads a second, unmasked vision pass (see the module docstring)
 
     def weights(self) -> dict[str, float]:
         return {"mlm": self.mlm, "mim": self.mim, "itm": self.itm, "itc": self.itc, "local": self.local}
@@ -159,6 +166,8 @@ def pretrain_losses(model: MedVLP, batch: dict[str, Any], tasks: TasksConfig) ->
             passes["mim"] = model(batch, mask_image=True)
         if (align or reuse) and "pair" not in passes:
             passes["pair"] = model(batch, itm=reuse, align=align)
+    if align and tasks.align_whole_image and passes["pair"].masking is not None:
+        passes["pair"] = whole_image_alignment(model, passes["pair"], batch)
     parts: dict[str, torch.Tensor] = {}
     metrics: dict[str, torch.Tensor] = {}
     if tasks.mlm:
@@ -186,6 +195,13 @@ def pretrain_losses(model: MedVLP, batch: dict[str, Any], tasks: TasksConfig) ->
     return total, {**{f"{k}_loss": v.detach() for k, v in parts.items()}, **metrics}, passes
 
 
+def whole_image_alignment(model: MedVLP, pair: Any, batch: dict[str, Any]) -> Any:
+    """The pair pass with its image-side alignment embeddings (class token and patches) taken from the whole,
+    unmasked image, encoded once more by the vision encoder alone."""
+    tokens = model.align_head.embed_image(model.encode_image(batch["pixels"]).states)
+    return dataclasses.replace(pair, image_embed=tokens[:, 0], patch_embeds=tokens[:, 1:])
+
+
 def reused_itm(model: MedVLP, pair: Any, batch: dict[str, Any], hard: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """ITM on the pair pass's encoder states: its own pairs as positives, and every text again with another
     sample's image (drawn by similarity with ``hard``, else uniformly) as negatives; B positives, B negatives."""
@@ -198,6 +214,15 @@ def reused_itm(model: MedVLP, pair: Any, batch: dict[str, Any], hard: bool) -> t
     logits = torch.cat([pair.itm_logits, negatives])
     matched = torch.ones(size, dtype=torch.long, device=logits.device)
     return logits, torch.cat([matched, torch.zeros_like(matched)])
+
+
+def matching_accuracy(model: MedVLP, batch: dict[str, Any]) -> torch.Tensor:
+    """ITM accuracy by M3AE's protocol, whatever the training objective: whole images and whole texts, half of
+    the batch with another sample's image drawn at random. Validation reports it as ``itm_acc`` for every
+    config; with paired masking or hard negatives the objective's own accuracy (masked pair pass, negatives
+    drawn by similarity) is ``itm_objective_acc``."""
+    targets = itm_batch(batch)
+    return itm_loss(model(targets, itm=True), targets)[1]["accuracy"]
 
 
 class TrainingDiverged(MedvlpError):
@@ -264,7 +289,11 @@ class PretrainModule(L.LightningModule):
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         torch.manual_seed(self.config.trainer.seed + 7919 * batch_idx)  # the same masks at every validation
-        loss, logs, outputs = pretrain_losses(self.model, batch, self.config.tasks)
+        tasks = self.config.tasks
+        loss, logs, outputs = pretrain_losses(self.model, batch, tasks)
+        if tasks.reuse_itm and "itm_acc" in logs:  # report ITM as M3AE does, so that every config compares
+            logs["itm_objective_acc"] = logs.pop("itm_acc")
+            logs["itm_acc"] = matching_accuracy(self.model, batch)
         self.log_dict({f"val/{k}": v for k, v in logs.items()}, batch_size=batch["n"], sync_dist=True)
         self.log("val/loss", loss, batch_size=batch["n"], sync_dist=True)
         if batch_idx == 0 and self.trainer.is_global_zero and self.config.trainer.pictures:
@@ -390,6 +419,23 @@ def load_run(run: Path | str) -> tuple[PretrainConfig, MedVLP, Any]:
                           f"{len(missing)} weights missing (e.g. {missing[:2]}), {len(unexpected)} unexpected "
                           f"(e.g. {unexpected[:2]})")
     return config, model.eval(), tokenizer
+
+
+def export_encoders(run: Path | str, out: Path | str) -> dict[str, Path]:
+    """Save a pre-training run's two encoders and its tokenizer as Hugging Face folders (``save_pretrained``:
+    ``config.json`` and ``model.safetensors``; the tokenizer's files), ``out/vision``, ``out/text`` and
+    ``out/tokenizer``, so that another run starts from them through the same code as from published weights:
+    ``model.vision.pretrained=out/vision model.text.pretrained=out/text data.tokenizer=out/tokenizer``."""
+    _, model, tokenizer = load_run(run)
+    out = Path(out)
+    paths = {"vision": out / "vision", "text": out / "text", "tokenizer": out / "tokenizer"}
+    taken = [str(p) for p in paths.values() if p.exists()]
+    if taken:
+        raise MedvlpError(f"{taken[0]} already exists; export into another folder")
+    model.vision.model.save_pretrained(paths["vision"])
+    model.text.model.save_pretrained(paths["text"])
+    tokenizer.save_pretrained(str(paths["tokenizer"]))
+    return paths
 
 
 def zero_shot(run: Path | str, data: Path | str | None = None, split: str = "test",
