@@ -60,6 +60,15 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
     print(f"run folder: {run_dir} (checkpoints/, logs/, pictures/, config.yaml)")
 
 
+def cmd_export(args: argparse.Namespace) -> None:
+    from medvlp.training.pretrain import export_encoders
+
+    paths = export_encoders(args.run_dir, args.out)
+    print(f"encoders and tokenizer of {args.run_dir} in {args.out}; start a run from them with "
+          f"model.vision.pretrained={paths['vision']} model.text.pretrained={paths['text']} "
+          f"data.tokenizer={paths['tokenizer']}")
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     """Synthesise -> pre-train -> fine-tune every task, pre-trained and from scratch -> report."""
     import json
@@ -225,6 +234,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", type=Path, help="prepared retrieval pairs (default: the run's synthetic test pairs)")
     p.add_argument("--split", default="test")
     p.set_defaults(run=cmd_zeroshot)
+
+    p = sub.add_parser("export", help="save a pre-trained run's encoders and tokenizer as Hugging Face folders")
+    p.add_argument("run_dir", metavar="RUN", type=Path, help="a pre-training run folder (or a checkpoints/step-*)")
+    p.add_argument("--out", type=Path, required=True, help="folder for vision/, text/ and tokenizer/")
+    p.set_defaults(run=cmd_export)
 
     p = sub.add_parser("finetune", help="fine-tune on Med-VQA, classification or retrieval")
     p.add_argument("--task", choices=("vqa", "classification", "retrieval"), help="the downstream task")
