@@ -236,13 +236,16 @@ def test_load_run_refuses_weights_of_another_model(tmp_path):
         load_run(run)
 
 
-def test_exported_encoders_start_another_run_with_their_weights(tmp_path):
+def test_exported_encoders_start_another_run_with_their_weights(tmp_path, capsys):
+    from medvlp.cli import main
     from medvlp.data.tokenizer import load_tokenizer
     from medvlp.models.model import build_model
-    from medvlp.training.pretrain import export_encoders, load_run, with_tokenizer
+    from medvlp.training.pretrain import load_run, with_tokenizer
 
     run = pretrain(config(tmp_path, "run", "trainer.max_steps=3"))
-    paths = export_encoders(run, tmp_path / "export")
+    assert main(["export", str(run), "--out", str(tmp_path / "export")]) == 0
+    paths = {part: tmp_path / "export" / part for part in ("vision", "text", "tokenizer")}
+    assert f"model.vision.pretrained={paths['vision']}" in capsys.readouterr().out
     _, trained, tokenizer = load_run(run)
     follow = config(tmp_path, "next", f"model.vision.pretrained={paths['vision']}",
                     f"model.text.pretrained={paths['text']}", f"data.tokenizer={paths['tokenizer']}")
@@ -252,5 +255,5 @@ def test_exported_encoders_start_another_run_with_their_weights(tmp_path):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert not torch.equal(trained.fusion.text_proj.weight, model.fusion.text_proj.weight)  # only the encoders
     assert load_tokenizer(paths["tokenizer"])("a lesion")["input_ids"] == tokenizer("a lesion")["input_ids"]
-    with pytest.raises(MedvlpError, match="already exists"):
-        export_encoders(run, tmp_path / "export")
+    assert main(["export", str(run), "--out", str(tmp_path / "export")]) == 2
+    assert "already exists; export into another folder" in capsys.readouterr().err
