@@ -257,3 +257,18 @@ def test_exported_encoders_start_another_run_with_their_weights(tmp_path, capsys
     assert load_tokenizer(paths["tokenizer"])("a lesion")["input_ids"] == tokenizer("a lesion")["input_ids"]
     assert main(["export", str(run), "--out", str(tmp_path / "export")]) == 2
     assert "already exists; export into another folder" in capsys.readouterr().err
+
+
+def test_itm_breakdown_groups_every_negative_by_what_it_shares(tmp_path, monkeypatch, capsys):
+    import sys
+
+    from helpers import benchmark_script
+
+    run = pretrain(config(tmp_path, "run", "trainer.max_steps=2"))
+    monkeypatch.setattr(sys, "argv", ["itm_breakdown.py", str(run), "--split", "train", "--negatives", "3"])
+    benchmark_script("itm_breakdown").main()
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].endswith(f"48 train pairs of {tmp_path / 'data' / 'pretrain'}, 3 random negatives per text")
+    counts = [int(line.rsplit("(", 1)[1].rstrip(")")) for line in lines[1:]]
+    assert counts[0] == 48 and sum(counts[1:]) == 48 * 3 and all(counts[1:])  # each negative in one group
+    assert all(0.0 <= float(line.split()[-2]) <= 1.0 for line in lines[1:])
