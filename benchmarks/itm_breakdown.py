@@ -18,11 +18,10 @@ from pathlib import Path
 
 import torch
 
-from medvlp.data.collate import Collator
-from medvlp.data.loader import FamilyDataset, make_loader
+from medvlp.data.loader import FamilyDataset
 from medvlp.data.records import Records
 from medvlp.errors import DataError
-from medvlp.training.pretrain import load_run
+from medvlp.training.pretrain import eval_loader, load_run
 
 GROUPS = ("another modality", "same modality, another region", "same modality and region")
 
@@ -49,8 +48,7 @@ def main() -> None:
         raise DataError(f"{root} ({args.split}): needs two or more synthetic records, which keep their facts")
     modality, region = (facts([records[i][name] for i in range(len(records))]) for name in ("modality", "region"))
     dataset = FamilyDataset(root, args.split, model.cfg.image_size, train=False)
-    loader = make_loader(dataset, Collator(tokenizer, max_length=config.data.max_text_len, mlm_probability=0.0),
-                         batch_size=64, num_workers=0)
+    loader = eval_loader(config, tokenizer, dataset)
 
     with torch.no_grad():
         texts, images = [], []

@@ -450,9 +450,15 @@ def zero_shot(run: Path | str, data: Path | str | None = None, split: str = "tes
     if family not in ("retrieval", "pretrain"):
         raise DataError(f"{root} holds {family} data; zero-shot retrieval needs image-caption pairs")
     dataset = FamilyDataset(root, split, config.model.image_size, train=False)
-    loader = make_loader(dataset, Collator(tokenizer, max_length=config.data.max_text_len, mlm_probability=0.0),
-                         batch_size=batch_size, num_workers=0)
+    loader = eval_loader(config, tokenizer, dataset, batch_size)
     return {"pairs": len(dataset), **zero_shot_retrieval(model, loader, dataset.image_ids())}
+
+
+def eval_loader(config: PretrainConfig, tokenizer: Any, dataset: Any, batch_size: int = 64):
+    """Batches of a pre-trained run's evaluation data, in order: whole texts (nothing masked), the run's text
+    length, read in this process."""
+    return make_loader(dataset, Collator(tokenizer, max_length=config.data.max_text_len, mlm_probability=0.0),
+                       batch_size=batch_size, num_workers=0)
 
 
 def _val_split(root: Path) -> str:
