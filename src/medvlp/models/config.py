@@ -183,8 +183,8 @@ MODEL_SIZES: dict[str, ModelConfig] = {
     # Trains on two CPU cores in minutes (M3AE's three passes at batch 32, fp32: about 0.43 s per step on the
     # project's AMD EPYC, 500 steps with validation in 3 min 37 s; 0.65-0.83 s on its earlier AVX2 machine).
     # Feed-forward blocks of text and fusion are 2x wide and dropout is off, since matrix products and dropout
-    # masks are what a CPU step spends its time on. The fusion keeps the M3AE shape
-    # with 2 layers; MIM reads the input of the second (the analogue of "input of layer 4 of 6").
+    # masks are what a CPU step spends its time on. The fusion keeps the M3AE shape with 2 layers; MIM reads the
+    # input of the second (the analogue of "input of layer 4 of 6").
     "tiny": ModelConfig(
         vision=VisionConfig(hidden_size=128, num_layers=2, num_heads=4, intermediate_size=512),
         text=TextConfig(hidden_size=128, num_layers=2, num_heads=4, intermediate_size=256, vocab_size=4096,
