@@ -18,13 +18,14 @@ ENV = "MEDVLP_SERVE"  # how worker processes (--workers > 1) learn what to load
 
 def require() -> None:
     """A one-line error when the optional serving packages are missing."""
-    try:
-        import fastapi  # noqa: F401
-        import multipart  # noqa: F401
-        import uvicorn  # noqa: F401
-    except ImportError as e:
-        raise MedvlpError(f"medvlp serve needs the serving extra ({e.name} is missing): "
-                          "pip install 'medvlp[serve]'") from None
+    from importlib.util import find_spec
+
+    missing = [name for name, modules in (("fastapi", ["fastapi"]), ("uvicorn", ["uvicorn"]),
+                                          ("python-multipart", ["python_multipart", "multipart"]))
+               if not any(find_spec(module) for module in modules)]
+    if missing:
+        raise MedvlpError(f"medvlp serve needs the serving extra ({', '.join(missing)} missing): "
+                          "pip install 'medvlp[serve]'")
 
 
 def build(run: str | Path, overrides: list[str] | tuple[str, ...] = (), gallery: str | Path | None = None):

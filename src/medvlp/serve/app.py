@@ -203,15 +203,18 @@ def create_app(engine: Engine) -> FastAPI:
         return error(500, f"internal error ({type(e).__name__}); the server log has the details")
 
     async def read_form(request: Request) -> Form:
-        if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+        if not request.headers.get("content-type", "").startswith(("multipart/form-data",
+                                                                   "application/x-www-form-urlencoded")):
             raise RequestError(422, "send the request as multipart/form-data (e.g. curl -F image=@scan.png -F "
                                     "question='...')")
         try:
             form = await request.form(max_part_size=text_bytes, max_files=config.max_items + 4,
                                       max_fields=config.max_items + 16)
         except HTTPException as e:
-            raise RequestError(422, f"cannot read the form ({e.detail}); texts may have at most "
-                                    f"{config.max_text_chars:,} characters (serve option max_text_chars)") from None
+            if "maximum size" in str(e.detail):  # a text field over max_part_size
+                raise RequestError(422, f"a text field is too long; questions and texts may have at most "
+                                        f"{config.max_text_chars:,} characters (serve option max_text_chars)") from None
+            raise RequestError(422, f"cannot read the form ({e.detail}); send multipart/form-data") from None
         return Form(form, engine)
 
     async def submit(name: str, item: Any) -> Any:
