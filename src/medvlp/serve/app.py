@@ -235,6 +235,9 @@ def create_app(engine: Engine) -> FastAPI:
             raise RequestError(503, f"no answer within {config.request_timeout_s:g} s (serve option "
                                     "request_timeout_s); the server is busy, retry in a moment") from None
 
+    async def pixels(image: Any) -> Any:  # the crop and resize: CPU work, off the event loop
+        return await asyncio.to_thread(engine.pixels, image)
+
     def need(task: str, endpoint: str) -> None:
         if engine.predictor.task != task:
             raise RequestError(422, f"this server's run is a {engine.predictor.task} run; /v1/{endpoint} needs a "
@@ -252,7 +255,7 @@ def create_app(engine: Engine) -> FastAPI:
             ranked = explanation.scores
             out["explanation"] = explanation_json(explanation)
         else:
-            scores = await submit("scores", (engine.pixels(image), text))
+            scores = await submit("scores", (await pixels(image), text))
             values, indices = scores.topk(min(k, len(engine.predictor.classes)))
             ranked = [(engine.predictor.classes[i], s) for i, s in zip(indices.tolist(), values.tolist())]
         key = "answers" if endpoint == "answer" else "labels"
@@ -291,8 +294,8 @@ def create_app(engine: Engine) -> FastAPI:
         if text is not None and "image" not in form.form:
             images = await form.images()
             if images:
-                pixels = [engine.pixels(image) for image in images]
-                scores = await asyncio.gather(*(submit("match", (p, text)) for p in pixels))
+                inputs = [await pixels(image) for image in images]
+                scores = await asyncio.gather(*(submit("match", (p, text)) for p in inputs))
                 names = [getattr(u, "filename", None) or f"image {i}" for i, u in enumerate(form.form.getlist("images"))]
                 results = [{"index": i, "name": names[i], "score": s} for i, s in enumerate(scores)]
             elif engine.gallery:
@@ -307,8 +310,8 @@ def create_app(engine: Engine) -> FastAPI:
             texts = form.texts("texts")
             if not texts:
                 raise RequestError(422, "give the texts to rank as 'texts' fields, or a 'text' with 'images'")
-            pixels = engine.pixels(image)
-            scores = await asyncio.gather(*(submit("match", (pixels, t)) for t in texts))
+            one = await pixels(image)
+            scores = await asyncio.gather(*(submit("match", (one, t)) for t in texts))
             results = [{"index": i, "text": t, "score": s} for i, (t, s) in enumerate(zip(texts, scores))]
         results.sort(key=lambda r: -r["score"])
         return {"results": results[:k] if k else results}
@@ -321,7 +324,7 @@ def create_app(engine: Engine) -> FastAPI:
         text = form.text("text", required=False)
         out: dict[str, Any] = {}
         if "image" in form.form:
-            out["image_embedding"] = await submit("embed_image", engine.pixels(await form.image()))
+            out["image_embedding"] = await submit("embed_image", await pixels(await form.image()))
         if text is not None:
             out["text_embedding"] = await submit("embed_text", text)
         if not out:
@@ -330,7 +333,9 @@ def create_app(engine: Engine) -> FastAPI:
 
     @app.get("/v1/model", summary="What the served run is: method, task, labels, image size, limits")
     async def model() -> dict[str, Any]:
-        return engine.describe()
+        passes = {name: {"passes": len(b.batch_sizes), "requests": sum(b.batch_sizes)}
+                  for name, b in batchers.items()}
+        return {**engine.describe(), "batching": passes}
 
     @app.get("/v1/gallery/{index}", summary="An image of the --gallery folder", include_in_schema=True)
     async def gallery_image(index: int) -> FileResponse:
