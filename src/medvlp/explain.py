@@ -108,7 +108,8 @@ def fusion_attention(model: nn.Module) -> list[dict[str, nn.Module]]:
             for name in ("self_attn", "cross_attn"):
                 attn = getattr(layer, name, None)
                 if not (isinstance(getattr(attn, "num_heads", None), int)
-                        and all(isinstance(getattr(attn, p, None), nn.Linear) for p in ("query", "key", "value", "out"))):
+                        and all(isinstance(getattr(attn, part, None), nn.Linear)
+                                for part in ("query", "key", "value", "out"))):
                     problem = f"a {name} with query/key/value/out projections and num_heads in every fusion layer"
     if problem:
         raise MedvlpError(f"explanations need the co-attention fusion's {problem}; this model's fusion "

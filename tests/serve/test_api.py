@@ -9,6 +9,7 @@ import io
 import struct
 import threading
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,9 +20,9 @@ from PIL import Image
 pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
 
-from medvlp.serve import build  # noqa: E402
-from medvlp.serve.app import create_app  # noqa: E402
-from medvlp.serve.engine import Engine, ServeConfig  # noqa: E402
+from medvlp.serve import build
+from medvlp.serve.app import create_app
+from medvlp.serve.engine import Engine, ServeConfig
 
 QUESTION = "is there a lesion?"
 
@@ -135,7 +136,7 @@ def test_rank_both_ways_and_the_gallery(vqa_predictor, tmp_path):
     results = by_text.json()["results"]
     assert [r["index"] for r in results] == [images.index(image) for image, _ in expected]
     assert np.allclose([r["score"] for r in results], [s for _, s in expected], atol=1e-4)
-    assert [r["name"] for r in results][0] == f"i{results[0]['index']}.png"
+    assert results[0]["name"] == f"i{results[0]['index']}.png"
     assert len(by_image.json()["results"]) == 2
     ranked = gallery.json()["results"]
     assert [r["name"] for r in ranked] == [f"g{images.index(image)}.png" for image, _ in expected]
@@ -225,7 +226,7 @@ def test_bad_uploads_and_limits(vqa_predictor):
 def test_dicom_upload_with_window_and_frame(vqa_app, vqa_predictor):
     from pydicom.data import get_testdata_file
 
-    data = open(get_testdata_file("CT_small.dcm"), "rb").read()
+    data = Path(get_testdata_file("CT_small.dcm")).read_bytes()
     lung = run(vqa_app, lambda c: post(c, "/v1/answer", {"image": ("ct.dcm", data)}, question=QUESTION,
                                        window="lung"))
     from medvlp.predict import Predictor

@@ -39,10 +39,10 @@ def free_port() -> int:
 def server(vqa_run, tmp_path):
     port = free_port()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
-    log = open(tmp_path / "server.log", "w")
-    process = subprocess.Popen([sys.executable, "-m", "medvlp", "serve", str(vqa_run), "--host", "127.0.0.1",
-                                "--port", str(port), "precision=fp32"], stdout=log, stderr=subprocess.STDOUT,
-                               env=env)
+    with open(tmp_path / "server.log", "w") as log:
+        process = subprocess.Popen([sys.executable, "-m", "medvlp", "serve", str(vqa_run), "--host", "127.0.0.1",
+                                    "--port", str(port), "precision=fp32"], stdout=log, stderr=subprocess.STDOUT,
+                                   env=env)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120
@@ -60,7 +60,6 @@ def server(vqa_run, tmp_path):
     finally:
         process.terminate()
         process.wait(10)
-        log.close()
 
 
 @pytest.fixture

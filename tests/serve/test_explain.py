@@ -129,3 +129,22 @@ def test_explain_command_writes_the_overlay(vqa_run, tmp_path, capsys):
     assert main(["explain", str(vqa_run), "--image", str(tmp_path / "none.png"), "--question", "Is it?",
                  "--out", str(tmp_path / "x.png")]) == 2
     assert "cannot read the image" in capsys.readouterr().err
+
+
+def test_hit_rate_script_finds_the_lesion_and_counts_against_chance(vqa_predictor):
+    from helpers import benchmark_script
+
+    hits = benchmark_script("explain_hits")
+    image, (x, y), radius = hits.lesion_scan(seed=7, index=0)
+    pixels = np.asarray(image, np.float32)
+    rows, cols = np.mgrid[:pixels.shape[0], :pixels.shape[1]]
+    distance = np.hypot(cols - x, rows - y)
+    inside = pixels[distance < radius / 2].mean()
+    around = pixels[(distance > 1.5 * radius) & (distance < 3 * radius)].mean()
+    assert abs(inside - around) > 30  # the recorded position is where the lesion was painted
+    touching = hits.cells_touching((10.0, 10.0), 3.0, 4, (0, 0, 80, 80))
+    assert touching.sum() == 1 and touching[0, 0]
+    assert hits.cells_touching((20.0, 20.0), 1.0, 4, (0, 0, 80, 80)).sum() == 4  # on a corner of four cells
+    rates = hits.measure(vqa_predictor, n=2, seed=7)
+    assert set(rates) == {"rollout", "gradient", "chance"} and rates["chance"]["centre"] == 1 / 16
+    assert all(0 <= r <= 1 for method in rates.values() for r in method.values())

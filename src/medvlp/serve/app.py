@@ -81,12 +81,11 @@ def form_doc(fields: dict[str, tuple[str, str]], required: tuple[str, ...] = ())
     return {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": body}}}}
 
 
-IMAGE_OPTIONS = {"window": ("string", "DICOM display window: a preset (lung, bone, brain, ...), minmax or "
-                                      "CENTER,WIDTH; default the file's own"),
+IMAGE_OPTIONS = {"window": ("string", ("DICOM display window: a preset (lung, bone, brain, ...), minmax or "
+                                       "CENTER,WIDTH; default the file's own")),
                  "frame": ("integer", "DICOM frame of a multi-frame file (default the middle one)")}
 EXPLAIN_OPTIONS = {"explain": ("boolean", "add a heat-map of where the top answer came from"),
-                   "method": ("string", "rollout (co-attention rollout, default) or gradient (gradient x "
-                                        "attention)")}
+                   "method": ("string", "rollout (co-attention rollout, default) or gradient (gradient x attention)")}
 
 
 class Form:
@@ -296,7 +295,8 @@ def create_app(engine: Engine) -> FastAPI:
             if images:
                 inputs = [await pixels(image) for image in images]
                 scores = await asyncio.gather(*(submit("match", (p, text)) for p in inputs))
-                names = [getattr(u, "filename", None) or f"image {i}" for i, u in enumerate(form.form.getlist("images"))]
+                uploads = form.form.getlist("images")
+                names = [getattr(u, "filename", None) or f"image {i}" for i, u in enumerate(uploads)]
                 results = [{"index": i, "name": names[i], "score": s} for i, s in enumerate(scores)]
             elif engine.gallery:
                 scores = await on_model_thread(engine.rank_gallery, text)
