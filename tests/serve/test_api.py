@@ -325,3 +325,21 @@ def test_serve_loads_a_run_folder_and_refuses_what_is_not_one(vqa_run, tmp_path,
     assert "max_batch=0: must be positive" in capsys.readouterr().err
     assert main(["serve", str(vqa_run), "max_bach=4"]) == 2
     assert "did you mean 'max_batch'" in capsys.readouterr().err
+
+
+def test_a_pretraining_run_ranks_and_embeds(pretrained_run, tmp_path):
+    images = [png_of(64, 64, seed=s) for s in range(2)]
+    for i, data in enumerate(images):
+        (tmp_path / f"g{i}.png").write_bytes(data)
+    app = build(pretrained_run, ["precision=fp32"], gallery=tmp_path)
+
+    async def requests(client):
+        return (await client.get("/v1/model"), await client.post("/v1/rank", data={"text": "a mass"}),
+                await client.post("/v1/embed", data={"text": "a mass"}),
+                await post(client, "/v1/answer", {"image": ("a.png", images[0])}, question=QUESTION))
+
+    model, ranked, embedded, answer = run(app, requests)
+    assert model.json()["kind"] == "pre-trained" and model.json()["endpoints"] == ["rank", "embed"]
+    assert sorted(r["name"] for r in ranked.json()["results"]) == ["g0.png", "g1.png"]
+    assert np.linalg.norm(embedded.json()["text_embedding"]) == pytest.approx(1.0, abs=1e-4)
+    one_line_error(answer, 422, "pretrained run", "/v1/answer")
