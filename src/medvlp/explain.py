@@ -148,7 +148,11 @@ def recording(model: nn.Module) -> Iterator[list[dict[str, Tensor]]]:
 
     def hook_for(index: int, name: str):
         def hook(module, args, kwargs, output):
-            query, context = args[0], args[1] if len(args) > 1 else kwargs["context"]
+            try:
+                query, context = args[0], args[1] if len(args) > 1 else kwargs["context"]
+            except (IndexError, KeyError):
+                raise MedvlpError(f"fusion layer {index} {name}: called without (query, context); the fusion's "
+                                  "attention has changed and medvlp.explain must follow it") from None
             key_mask = args[2] if len(args) > 2 else kwargs.get("key_mask")
             out, probs = attend(module, query, context, key_mask)
             if not torch.allclose(out.float(), output.float(), atol=1e-4, rtol=1e-3):
