@@ -26,6 +26,14 @@ def png_bytes(size: int = 48, seed: int = 0, mode: str = "L") -> bytes:
     return out.getvalue()
 
 
+def png_of(width: int, height: int, seed: int = 0) -> bytes:
+    """A grey PNG of random pixels, ``width`` x ``height``."""
+    pixels = np.random.default_rng(seed).integers(0, 256, (height, width), dtype=np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(pixels, "L").save(out, "PNG")
+    return out.getvalue()
+
+
 def prepare_reported(name: str, raw: Path, out: Path, **config) -> tuple[dict, list[str]]:
     """``prepare`` a raw dataset with ``PrepareConfig(**config)``; returns the manifest and the lines it reported."""
     lines: list[str] = []

@@ -155,6 +155,35 @@ def cmd_predict(args: argparse.Namespace) -> None:
         print(f"{score:8.4f}  {name}")
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    from medvlp.serve import serve
+
+    serve(args.run_dir, host=args.host, port=args.port, workers=args.workers, overrides=args.overrides,
+          gallery=args.gallery)
+
+
+def cmd_explain(args: argparse.Namespace) -> None:
+    from medvlp import predict
+    from medvlp.explain import decode, explain, overlay
+
+    model = predict.load(args.run_dir, window=args.window, frame=args.frame)
+    text = args.question if args.question is not None else args.text
+    if text is None:
+        raise MedvlpError("give the question with --question TEXT (VQA) or the text with --text TEXT (classification)")
+    if args.out.suffix.lower() != ".png":
+        raise MedvlpError(f"--out {args.out}: the heat-map is written as PNG; name a .png file")
+    if args.out.exists():
+        raise MedvlpError(f"--out {args.out} exists; medvlp does not overwrite it: name a new file")
+    image = decode(model, _one_image(args))
+    result = explain(model, image, text, method=args.method, target=args.answer, k=args.top)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    overlay(image, result.heatmap()).save(args.out)
+    for name, score in result.scores:
+        print(f"{score:8.4f}  {name}")
+    x, y = result.hottest()
+    print(f"heat-map ({result.method}) of {result.target!r} in {args.out}; hottest at x={x:.0f}, y={y:.0f}")
+
+
 def _seeds(text: str) -> list[int]:
     try:
         return [int(seed) for seed in text.split(",")]
@@ -266,6 +295,30 @@ def build_parser() -> argparse.ArgumentParser:
                                     "CENTER,WIDTH (default: the file's own)")
     p.add_argument("--frame", type=int, help="DICOM frame of a multi-frame file (default: the middle one)")
     p.set_defaults(run=cmd_predict)
+
+    p = sub.add_parser("explain", help="a heat-map of where a fine-tuned run looked to answer (PNG)")
+    p.add_argument("run_dir", metavar="RUN", type=Path, help="a VQA or classification run of `medvlp finetune`")
+    p.add_argument("--image", type=Path, help="the image (PNG, JPEG, DICOM, ...)")
+    p.add_argument("--question", help="a question about the image (a VQA run)")
+    p.add_argument("--text", help="the text paired with the image (a classification run)")
+    p.add_argument("--out", type=Path, required=True, help="the PNG to write: the image with the heat-map over it")
+    p.add_argument("--method", choices=("rollout", "gradient"), default="rollout",
+                   help="co-attention rollout (default) or gradient x attention")
+    p.add_argument("--answer", help="the answer to explain (default: the top one)")
+    p.add_argument("--top", type=int, default=5, help="how many answers to print (default 5)")
+    p.add_argument("--window", help="DICOM display window: a preset, minmax or CENTER,WIDTH")
+    p.add_argument("--frame", type=int, help="DICOM frame of a multi-frame file (default: the middle one)")
+    p.set_defaults(run=cmd_explain)
+
+    p = sub.add_parser("serve", help="serve a run over HTTP: JSON API, OpenAPI page and a web page")
+    p.add_argument("run_dir", metavar="RUN", type=Path, help="a fine-tuned run (or a pre-training run: rank, embed)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--workers", type=int, default=1, help="server processes, each with its own model (default 1)")
+    p.add_argument("--gallery", type=Path, help="a folder of images the page and /v1/rank rank for a text")
+    p.set_defaults(run=cmd_serve, overrides=[])
+    p.epilog = ("Limits and batching are key=value options, e.g. max_upload_mb=16 max_batch=16 max_wait_ms=5 "
+                "request_timeout_s=30 precision=fp32 (see docs/serving.md).")
 
     p = sub.add_parser("benchmark", help="fine-tune and evaluate every task, pre-trained and from scratch; "
                                          "write one report")

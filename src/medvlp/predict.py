@@ -63,8 +63,16 @@ class Predictor:
 
     # -- tasks -----------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def answer(self, image: ImageLike, question: str, k: int = 5) -> list[tuple[str, float]]:
-        """The ``k`` best answers with their scores (the sigmoid of each answer's logit, as trained)."""
+    def answer(self, image: ImageLike, question: str, k: int = 5, explain: bool | str = False):
+        """The ``k`` best answers with their scores (the sigmoid of each answer's logit, as trained).
+
+        With ``explain`` (True for co-attention rollout, or a method name of ``medvlp.explain.METHODS``) returns
+        ``(answers, heatmap)``: the heat-map of the top answer, float32 [H, W] in [0, 1] over the original image.
+        """
+        if explain:
+            from medvlp.explain import explain_answer
+
+            return explain_answer(self, image, question, k, "rollout" if explain is True else explain)
         self._need("vqa", "answer questions")
         logits = self.model(self.batch([image], [question]), classify=True).class_logits[0].float()
         scores, indices = logits.sigmoid().topk(min(k, len(self.classes)))
