@@ -155,6 +155,16 @@ def cmd_predict(args: argparse.Namespace) -> None:
         print(f"{score:8.4f}  {name}")
 
 
+def cmd_convert(args: argparse.Namespace) -> None:
+    from medvlp.convert import convert_m3ae
+
+    run = convert_m3ae(args.checkpoint, args.out, task=args.task, data=args.data, tokenizer=args.tokenizer,
+                       reference_config=args.reference_config, text_config=args.text_config,
+                       image_size=args.image_size, label_field=args.label_field)
+    kind = "pre-training run (use it as --init)" if (run / "checkpoints").is_dir() else "fine-tuned run"
+    print(f"run folder: {run} ({kind}; config.yaml, weights, converted.json)")
+
+
 def _seeds(text: str) -> list[int]:
     try:
         return [int(seed) for seed in text.split(",")]
@@ -266,6 +276,25 @@ def build_parser() -> argparse.ArgumentParser:
                                     "CENTER,WIDTH (default: the file's own)")
     p.add_argument("--frame", type=int, help="DICOM frame of a multi-frame file (default: the middle one)")
     p.set_defaults(run=cmd_predict)
+
+    p = sub.add_parser("convert", help="turn a published M3AE checkpoint into a medvlp run folder")
+    p.add_argument("source", choices=("m3ae",), help="whose checkpoint it is (the reference M3AE code's)")
+    p.add_argument("checkpoint", type=Path, help="a Lightning .ckpt, a state-dict .pt/.bin or a .safetensors file")
+    p.add_argument("--out", type=Path, required=True, help="the run folder to write (new or empty)")
+    p.add_argument("--task", choices=("pretrain", "vqa", "classification", "retrieval"),
+                   help="what the checkpoint was trained for (default: read from its heads)")
+    p.add_argument("--data", type=Path, help="the prepared dataset it was fine-tuned on (VQA: the answers in the "
+                                             "reference's label order; classification: the labels)")
+    p.add_argument("--tokenizer", help="tokenizer folder or hub id (default FacebookAI/roberta-base)")
+    p.add_argument("--reference-config", type=Path, help="JSON/YAML of the reference's config values (num_heads, "
+                                                         "mim_decoder_num_heads, image_size, ...); default: the "
+                                                         "checkpoint's hyper_parameters, else the run scripts'")
+    p.add_argument("--text-config", type=Path, help="the RoBERTa config.json (or its folder), for its head count")
+    p.add_argument("--image-size", type=int, help="run at this image size (position table interpolated)")
+    p.add_argument("--label-field", help="classification: the record field of the labels (e.g. p_meth_label)")
+    p.set_defaults(run=cmd_convert)
+    p.epilog = ("Example: medvlp convert m3ae m3ae_vqa_rad.ckpt --out runs/m3ae-vqa-rad --data data/vqa-rad; "
+                "then medvlp evaluate runs/m3ae-vqa-rad")
 
     p = sub.add_parser("benchmark", help="fine-tune and evaluate every task, pre-trained and from scratch; "
                                          "write one report")

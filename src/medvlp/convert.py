@@ -13,7 +13,8 @@ defaults are the published run scripts' values), renames every tensor into ``Med
 - a fine-tuned one (``vqa``, ``classification``, ``retrieval``): a fine-tuned run folder (``config.yaml``,
   ``model.safetensors``) that ``medvlp evaluate``, ``medvlp predict`` and ``medvlp.predict.load`` read like a run
   ``medvlp finetune`` wrote. The classifier's classes come from a prepared dataset: for VQA the answers in the
-  reference's label order (``reference_answer_order``), for classification the sorted label set (MELINDA's rule).
+  reference's label order (``reference_answer_order``; the dataset's answers are matched to them through the
+  reference's normalisation), for classification the sorted label set (MELINDA's rule).
 
 Both refer to the tokenizer (RoBERTa-base's for the published models): a local folder is copied into the run; a
 hub id that cannot be loaded here is recorded and reported in one line. ``converted.json`` records the source.
@@ -305,11 +306,11 @@ def convert_state_dict(sd: Mapping[str, Tensor], model: MedVLP, task: str,
     for name, tensor in ours.items():
         if name not in out:
             if _required(name, task):
-                raise MedvlpError(f"{source}: missing key {_reference_name(name)} {list(tensor.shape)} (the M3AE "
+                raise MedvlpError(f"{source}: missing key {_reference_name(name, task)} {list(tensor.shape)} (the M3AE "
                                   f"{task} model needs it)")
             out[name] = tensor
         elif tuple(out[name].shape) != tuple(tensor.shape):
-            raise MedvlpError(f"{source}: key {_reference_name(name)} has shape {list(out[name].shape)}, expected "
+            raise MedvlpError(f"{source}: key {_reference_name(name, task)} has shape {list(out[name].shape)}, expected "
                               f"{list(tensor.shape)} from the sizes its other tensors give")
     return {name: out[name].to(ours[name].dtype) for name in ours}
 
@@ -324,12 +325,24 @@ def _required(name: str, task: str) -> bool:
     return True
 
 
-def _reference_name(name: str) -> str:
-    """The reference's name of a medvlp tensor, for messages (the closest one for split in-projections)."""
+def _reference_name(name: str, task: str) -> str:
+    """The reference's name of a medvlp tensor, for messages (the packed in-projection for a split one)."""
     m = re.match(r"vision\.model\.encoder\.layers\.(\d+)\.self_attn\.[qkv]_proj\.(weight|bias)$", name)
     if m:
         return f"{V}transformer.resblocks.{m.group(1)}.attn.in_proj_{m.group(2)}"
-    for ref, ours in [*_RENAMES[::-1]]:
+    blocks = [(r"vision\.model\.encoder\.layers\.(\d+)\.", V + "transformer.resblocks.{}.", _CLIP_BLOCK),
+              (r"fusion\.text_layers\.(\d+)\.", "multi_modal_language_layers.{}.", _FUSION_PARTS),
+              (r"fusion\.image_layers\.(\d+)\.", "multi_modal_vision_layers.{}.", _FUSION_PARTS),
+              (r"mim_decoder\.blocks\.(\d+)\.", "mim_head.decoder.resblocks.{}.", _DECODER_BLOCK)]
+    for pattern, prefix, parts in blocks:
+        m = re.match(pattern + "(.+)$", name)
+        if m:
+            for ref, ours in parts.items():
+                if m.group(2) == ours or m.group(2).startswith(ours + "."):
+                    return prefix.format(m.group(1)) + ref + m.group(2)[len(ours):]
+    if name.startswith("classifier.net.") and task in _HEAD:
+        return _HEAD[task] + name.removeprefix("classifier.net")
+    for ref, ours in _RENAMES:
         if name == ours or (ours.endswith(".") and name.startswith(ours)):
             return ref + name[len(ours):]
     return name
@@ -348,32 +361,21 @@ def _check_positions(sd: Mapping[str, Tensor], model: MedVLP, source: str) -> No
 
 # -- classes ------------------------------------------------------------------------------------------------------
 def reference_answer_order(root: Path) -> list[str]:
-    """The answers of a prepared VQA dataset in the reference's label order (SPEC §10): numbered by first
-    appearance of their normalised form (``data.text.reference_answer``) walking train, val and test in file
-    order. Each class is medvlp's stored answer text; one line is logged when several stored answers fall
-    together under the reference's normalisation (the first one names the class)."""
-    import logging
-
+    """The answer labels of a prepared VQA dataset in the reference's order (SPEC §10): each stored answer
+    normalised as the reference does (``data.text.reference_answer``), numbered by first appearance walking
+    train, val and test in file order. (VQA-RAD as medvlp prepares it: 514 stored answers, 498 labels, the
+    published head's size.)"""
     from medvlp.data.records import Records, read_manifest
     from medvlp.data.text import reference_answer
 
     splits = read_manifest(root)["splits"]
     order = [s for s in ("train", "val", "validation", "test") if s in splits]
     order += sorted(s for s in splits if s not in order)
-    labels: dict[str, str] = {}
-    merged: list[str] = []
+    labels: dict[str, None] = {}
     for split in order:
         for answer in Records(root, split).column("answer"):
-            key = reference_answer(answer)
-            if key not in labels:
-                labels[key] = answer
-            elif labels[key] != answer and answer not in merged:
-                merged.append(answer)
-    if merged:
-        logging.getLogger(__name__).warning(
-            "%s: %d stored answers fall together with another under the reference's normalisation (e.g. %r); "
-            "they count as unknown answers", root, len(merged), merged[0])
-    return list(labels.values())
+            labels.setdefault(reference_answer(answer))
+    return list(labels)
 
 
 # -- writing ------------------------------------------------------------------------------------------------------
@@ -472,6 +474,7 @@ def convert_m3ae(checkpoint: Path | str, out: Path | str, *, task: str | None = 
         config = FinetuneConfig(task=task, data=str(data) if data else None, init=None, run_dir=str(out),
                                 model_size="base", model=model.cfg, image_size=model.cfg.image_size,
                                 tokenizer=tokenizer_ref, label_field=label, max_text_len=max_len, classes=classes,
+                                answer_normalization="m3ae" if task == "vqa" and data else "medvlp",
                                 retrieval=RetrievalConfig(eval_mode="exhaustive"))
         save_config(config, out / "config.yaml")
         save_weights(model.state_dict(), out / WEIGHTS)

@@ -24,7 +24,7 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -76,6 +76,9 @@ class FinetuneConfig:
     num_workers: int = 2
     crop_scale: tuple[float, float] = (0.9, 1.0)  # training crops: mild, a question may ask about the edge
     classes: list[str] = field(default_factory=list)  # the classifier's classes, filled from the data
+    # how VQA answers of the data meet the classes: as stored ("medvlp"), or each through the reference M3AE's
+    # normalisation ("m3ae": a converted M3AE run, whose classes are the reference's normalised answers)
+    answer_normalization: Literal["medvlp", "m3ae"] = "medvlp"
     retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, classifier_lr_mult=10.0, warmup=0.1))
     trainer: TrainerConfig = field(default_factory=lambda: TrainerConfig(max_steps=300, val_every=100))
@@ -173,9 +176,10 @@ def data_classes(root: Path, task: DownstreamTask, label_field: str) -> list[str
     return list(manifest.get(task.classes, []))
 
 
-def check_classes(have: Sequence[str], need: Sequence[str], source: str, data: Path) -> None:
-    """Refuse a classifier trained on other classes than the data's (never silently re-initialised)."""
-    if list(have) == list(need):
+def check_classes(have: Sequence[str], need: Sequence[str], source: str, data: Path, ordered: bool = True) -> None:
+    """Refuse a classifier trained on other classes than the data's (never silently re-initialised); with
+    ``ordered=False`` the same classes in another order pass (the caller maps them by name)."""
+    if list(have) == list(need) or (not ordered and len(have) == len(need) and set(have) == set(need)):
         return
     missing = [c for c in need if c not in set(have)]
     example = f"; e.g. {missing[0]!r} is new" if missing else ""
@@ -244,7 +248,8 @@ def load_finetuned(run: Path | str) -> tuple[FinetuneConfig, MedVLP, Any]:
     if missing or unexpected:
         raise MedvlpError(f"{run / WEIGHTS} does not fit the model of {run / 'config.yaml'}: {len(missing)} weights "
                           f"missing (e.g. {missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]})")
-    return config, model.eval(), load_tokenizer(run / "tokenizer")
+    own = run / "tokenizer"  # a converted run may refer to its tokenizer by hub id instead
+    return config, model.eval(), load_tokenizer(own if own.is_dir() or not config.tokenizer else config.tokenizer)
 
 
 # -- training ----------------------------------------------------------------------------------------------------
@@ -398,6 +403,21 @@ def _finetune(config: FinetuneConfig, callbacks: Sequence[L.Callback]) -> Path:
     return run_dir
 
 
+def run_answers(config: FinetuneConfig, need: Sequence[str], source: str, data: Path) -> dict[str, int]:
+    """Answer (or label) -> class index of a run for a dataset whose classes are ``need``, checked: the same
+    classes in any order, or with ``answer_normalization="m3ae"`` the same classes once each stored answer is
+    normalised as the reference M3AE does (several stored answers may then share a class)."""
+    index = {name: i for i, name in enumerate(config.classes)}
+    if config.task == "vqa" and config.answer_normalization == "m3ae":
+        from medvlp.data.text import reference_answer
+
+        normalised = {answer: reference_answer(answer) for answer in need}
+        check_classes(config.classes, sorted(set(normalised.values())), source, data, ordered=False)
+        return {answer: index[label] for answer, label in normalised.items()}
+    check_classes(config.classes, need, source, data, ordered=False)  # the mapping below follows the run's order
+    return index
+
+
 def evaluate_run(run: Path | str, data: Path | str | None = None, split: str | None = None,
                  overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """Evaluate a fine-tuned run (its best weights) on a split of its own dataset or of ``data`` (test by
@@ -408,9 +428,9 @@ def evaluate_run(run: Path | str, data: Path | str | None = None, split: str | N
     family = read_manifest(root)["family"]
     if family != task.family:
         raise DataError(f"{root} holds {family} data; {run} was fine-tuned for {config.task} on {task.family} data")
-    check_classes(config.classes, data_classes(root, task, config.label_field), str(run), root)
+    answers = run_answers(config, data_classes(root, task, config.label_field), str(run), root)
     split = evaluation_split(root, split)
-    dataset = FamilyDataset(root, split, config.model.image_size, train=False, answer_vocab=config.classes,
+    dataset = FamilyDataset(root, split, config.model.image_size, train=False, answer_vocab=answers,
                             labels=config.classes, label_field=config.label_field)
     retrieval = dataclasses.replace(config.retrieval, **(overrides or {}))
     metrics = task.evaluate(model, eval_loader(config, tokenizer, dataset), dataset, retrieval)
