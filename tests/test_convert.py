@@ -52,8 +52,10 @@ def refused(capsys, args: list[str]) -> str:
 def test_lightning_ckpt_with_hyper_parameters_converts_like_the_safetensors_file(fixture_files, tmp_path):
     work, config, state = fixture_files
     ckpt = tmp_path / "m3ae.ckpt"  # what Lightning writes: the weights and the run's config, plain containers
+    from lightning.fabric.utilities.data import AttributeDict  # Lightning stores hyper_parameters in one
+
     torch.save({"epoch": 3, "global_step": 10, "state_dict": state,
-                "hyper_parameters": {"config": config["tasks"]["vqa"]["resolved"]}}, ckpt)
+                "hyper_parameters": AttributeDict(config=config["tasks"]["vqa"]["resolved"])}, ckpt)
     safetensors = tmp_path / "m3ae.safetensors"
     save_file(state, str(safetensors))
     quiet = dict(tokenizer=str(work / "tok"), text_config=work / "roberta.json", report=lambda line: None)

@@ -87,6 +87,9 @@ _RENAMES = [  # (reference prefix, medvlp prefix), first match wins
     ("itm_head.fc.", "itm_head.fc."),
 ]
 _HEAD = {"vqa": "vqa_head", "classification": "cls_head"}
+PLAIN_DICTS = ("pytorch_lightning.utilities.parsing.AttributeDict", "lightning.fabric.utilities.data.AttributeDict",
+               "lightning_fabric.utilities.data.AttributeDict")
+"""Lightning's dict subclass for ``hyper_parameters``: read back as a plain dict (the only non-plain type allowed)."""
 
 
 # -- reading ------------------------------------------------------------------------------------------------------
@@ -95,8 +98,8 @@ def read_checkpoint(path: Path | str) -> tuple[dict[str, Tensor], dict[str, Any]
     dict holding ``state_dict``, and ``hyper_parameters`` with the run's ``config``) or a plain state-dict file.
 
     ``.ckpt``/``.pt``/``.bin`` files are read with ``torch.load(weights_only=True)``: tensors and plain
-    containers only; a file that carries any other pickled object (a callable, a class) is refused in one line,
-    without running it.
+    containers only (Lightning's ``AttributeDict`` is read as a plain dict); a file that carries any other
+    pickled object (a callable, a class) is refused in one line, without running it.
     """
     path = Path(path)
     if not path.is_file():
@@ -109,7 +112,8 @@ def read_checkpoint(path: Path | str) -> tuple[dict[str, Tensor], dict[str, Any]
         except Exception as e:  # safetensors reports damage with several error types
             raise MedvlpError(f"{path}: not a readable safetensors file ({e})") from None
     try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals([(dict, name) for name in PLAIN_DICTS]):
+            data = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         reason = " ".join(str(e).split()).split(" Check the documentation")[0][:200]
         raise MedvlpError(f"{path}: refused: the file holds pickled objects other than tensors and plain "
@@ -419,7 +423,7 @@ def convert_m3ae(checkpoint: Path | str, out: Path | str, *, task: str | None = 
     from medvlp.training.checkpoint import save_weights
 
     out = Path(out)
-    if out.exists() and any(out.iterdir()):
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise MedvlpError(f"{out} already exists and is not empty; convert into a new folder")
     sd, hparams = read_checkpoint(checkpoint)
     source = str(checkpoint)
@@ -438,8 +442,9 @@ def convert_m3ae(checkpoint: Path | str, out: Path | str, *, task: str | None = 
         read_reference_config(Path(text_config) / "config.json" if Path(text_config).is_dir() else text_config)
         if text_config else {})
     cfg = model_config_from(sd, task, reference, text_cfg, source)
-    torch.manual_seed(0)  # heads the checkpoint lacks get a reproducible initialisation
-    model = build_model(cfg)
+    with torch.random.fork_rng(devices=[]):  # heads the checkpoint lacks: a reproducible initialisation
+        torch.manual_seed(0)
+        model = build_model(cfg)
     model.load_state_dict(convert_state_dict(sd, model, task, source))
     size = image_size or reference.get("image_size") or cfg.image_size
     if size != cfg.image_size:
