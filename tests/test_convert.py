@@ -181,3 +181,44 @@ def test_a_converted_pretraining_checkpoint_is_an_init_for_finetune(tmp_path, fi
     assert not model.cfg.tie_mlm_weights and model.cfg.mim_decoder.activation == "quick_gelu"
     with pytest.raises(MedvlpError, match="not empty"):
         convert_m3ae(FIXTURE / "state_dict_pretrain.safetensors", run, report=lambda line: None)
+
+
+def test_sizes_come_from_the_tensors_not_from_set_a(fixture_files, tmp_path):
+    """Another CLIP width and grid, another fusion width and depth, another head size: a reference-layout state
+    dict written from a medvlp model of those sizes converts back to the same weights."""
+    import re
+
+    from medvlp.convert import V, _reference_name
+    from medvlp.models.config import FusionConfig, ModelConfig, TextConfig, VisionConfig
+    from medvlp.models.model import build_model
+    from medvlp.training.finetune import load_any
+
+    work, _, _ = fixture_files
+    cfg = ModelConfig(vision=VisionConfig(hidden_size=128, num_layers=2, num_heads=2, intermediate_size=512),
+                      text=TextConfig(hidden_size=64, num_layers=1, num_heads=4, intermediate_size=128,
+                                      vocab_size=400, max_position_embeddings=40),
+                      fusion=FusionConfig(hidden_size=96, num_layers=3, num_heads=4, intermediate_size=384),
+                      image_size=96, num_classes=9, classifier_expansion=1, tie_mlm_weights=False)
+    model = build_model(cfg)
+    reference, packed = {}, {}
+    for name, tensor in model.state_dict().items():
+        if name.startswith(("mlm_head.", "mim_decoder.", "itm_head.", "align_head.")):
+            continue  # a VQA model of the reference has none of these
+        m = re.match(r"vision\.model\.encoder\.layers\.(\d+)\.self_attn\.([qkv])_proj\.(weight|bias)$", name)
+        if m:
+            packed.setdefault(f"{V}transformer.resblocks.{m.group(1)}.attn.in_proj_{m.group(3)}", {})[m.group(2)] = tensor
+        else:
+            reference[_reference_name(name, "vqa")] = tensor
+    reference.update({key: torch.cat([parts["q"], parts["k"], parts["v"]]) for key, parts in packed.items()})
+    reference["vision_encoder.token_embedding.weight"] = torch.zeros(5, 4)  # CLIP text-tower leftover: dropped
+    save_file(reference, str(tmp_path / "other.safetensors"))
+    run = convert_m3ae(tmp_path / "other.safetensors", tmp_path / "run", tokenizer=str(work / "tok"),
+                       reference_config={"num_heads": 4}, text_config={"num_attention_heads": 4},
+                       report=lambda line: None)
+    converted, _, classes, task = load_any(run)
+    assert task == "vqa" and len(classes) == 9 and converted.cfg.image_size == 96
+    assert (converted.cfg.vision.hidden_size, converted.cfg.vision.num_heads, converted.cfg.fusion.num_layers) == (
+        128, 2, 3)
+    mine = converted.state_dict()
+    assert all(torch.equal(mine[k], v) for k, v in model.state_dict().items()
+               if not k.startswith(("mlm_head.", "mim_decoder.", "itm_head.", "align_head.")))
