@@ -52,13 +52,15 @@ def refused(capsys, args: list[str]) -> str:
 def test_lightning_ckpt_with_hyper_parameters_converts_like_the_safetensors_file(fixture_files, tmp_path):
     work, config, state = fixture_files
     ckpt = tmp_path / "m3ae.ckpt"  # what Lightning writes: the weights and the run's config, plain containers
-    from lightning.fabric.utilities.data import AttributeDict  # Lightning stores hyper_parameters in one
+    from lightning.fabric.utilities.data import (
+        AttributeDict,  # Lightning stores hyper_parameters in one
+    )
 
     torch.save({"epoch": 3, "global_step": 10, "state_dict": state,
                 "hyper_parameters": AttributeDict(config=config["tasks"]["vqa"]["resolved"])}, ckpt)
     safetensors = tmp_path / "m3ae.safetensors"
     save_file(state, str(safetensors))
-    quiet = dict(tokenizer=str(work / "tok"), text_config=work / "roberta.json", report=lambda line: None)
+    quiet = {"tokenizer": str(work / "tok"), "text_config": work / "roberta.json", "report": lambda line: None}
     a = convert_m3ae(ckpt, tmp_path / "a", **quiet)  # heads and sizes from the ckpt's hyper_parameters
     b = convert_m3ae(safetensors, tmp_path / "b", reference_config=work / "vqa.json", **quiet)
     wa, wb = load_weights(a / "model.safetensors"), load_weights(b / "model.safetensors")
@@ -175,7 +177,7 @@ def test_a_converted_pretraining_checkpoint_is_an_init_for_finetune(tmp_path, fi
                        report=lambda line: None)
     from medvlp.training.finetune import load_any
 
-    model, tokenizer, classes, task = load_any(run)
+    model, _, classes, task = load_any(run)
     assert task is None and classes == [] and model.cfg.fusion.num_layers == config["tasks"]["pretrain"][
         "resolved"]["num_top_layer"]
     assert not model.cfg.tie_mlm_weights and model.cfg.mim_decoder.activation == "quick_gelu"
@@ -206,7 +208,8 @@ def test_sizes_come_from_the_tensors_not_from_set_a(fixture_files, tmp_path):
             continue  # a VQA model of the reference has none of these
         m = re.match(r"vision\.model\.encoder\.layers\.(\d+)\.self_attn\.([qkv])_proj\.(weight|bias)$", name)
         if m:
-            packed.setdefault(f"{V}transformer.resblocks.{m.group(1)}.attn.in_proj_{m.group(3)}", {})[m.group(2)] = tensor
+            key = f"{V}transformer.resblocks.{m.group(1)}.attn.in_proj_{m.group(3)}"
+            packed.setdefault(key, {})[m.group(2)] = tensor
         else:
             reference[_reference_name(name, "vqa")] = tensor
     reference.update({key: torch.cat([parts["q"], parts["k"], parts["v"]]) for key, parts in packed.items()})

@@ -19,7 +19,8 @@ from helpers import ROOT
 from safetensors.torch import load_file, save_file
 
 from medvlp.convert import convert_m3ae
-from medvlp.objectives import classification_loss, itm_loss, mim_loss, mim_targets, mlm_loss, ranking_loss, vqa_loss
+from medvlp.objectives import (classification_loss, itm_loss, mim_loss, mim_targets, mlm_loss, ranking_loss,
+                               vqa_loss)
 from medvlp.training.finetune import load_any
 
 FIXTURES = ROOT.parent / "shared" / "reference" / "m3ae"
@@ -160,7 +161,8 @@ def pretrain_outputs(model, x: dict) -> dict[str, torch.Tensor]:
         out = model(base, mask_image=True, image_noise=x["mim_noise"])
         mim, _ = mim_loss(out, base, norm_pix_loss=model.cfg.norm_pix_loss)
         values = {**fused_outputs(got, out, mask), "mim_head_in": out.fusion.image_states[model.cfg.mim_layer],
-                  "pred": out.mim_pred, "target": mim_targets(x["pixels"], model.cfg.patch_size, model.cfg.norm_pix_loss),
+                  "pred": out.mim_pred,
+                  "target": mim_targets(x["pixels"], model.cfg.patch_size, model.cfg.norm_pix_loss),
                   "mask": out.image_mask.float(), "ids_restore": out.ids_restore, "loss": mim}
         result.update(prefixed("mim", values))
     itm_batch = {**base, "pixels": x["itm_pixels"], "itm_labels": x["itm_labels"]}

@@ -258,14 +258,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_finetune)
 
     p = sub.add_parser("evaluate", help="evaluate a fine-tuned run on a split")
-    p.add_argument("run_dir", metavar="RUN", type=Path, help="a folder written by `medvlp finetune` or `medvlp convert`")
+    p.add_argument("run_dir", metavar="RUN", type=Path,
+                   help="a folder written by `medvlp finetune` or `medvlp convert`")
     p.add_argument("--data", type=Path, help="another prepared dataset of the same task and classes")
     p.add_argument("--split", help="the split to evaluate (default: test)")
     p.set_defaults(run=cmd_evaluate, overrides=[])
     p.epilog = "Retrieval evaluation settings can be overridden, e.g. retrieval.eval_mode=exhaustive."
 
     p = sub.add_parser("predict", help="answer, classify or rank with a fine-tuned run")
-    p.add_argument("run_dir", metavar="RUN", type=Path, help="a folder written by `medvlp finetune` or `medvlp convert`")
+    p.add_argument("run_dir", metavar="RUN", type=Path,
+                   help="a folder written by `medvlp finetune` or `medvlp convert`")
     p.add_argument("--image", type=Path, help="the image (PNG, JPEG, DICOM, ...)")
     p.add_argument("--question", help="a question about the image (a VQA run)")
     p.add_argument("--text", help="the text paired with the image (a classification run)")

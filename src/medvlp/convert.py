@@ -186,7 +186,7 @@ def model_config_from(sd: Mapping[str, Tensor], task: str, reference: Mapping[st
     ref = {**REFERENCE_DEFAULTS, **(reference or {})}
     width, _, patch, _ = _shape(sd, V + "conv1.weight", source, 4)
     rows, _ = _shape(sd, V + "positional_embedding", source, 2)
-    grid = int(round((rows - 1) ** 0.5))
+    grid = round((rows - 1) ** 0.5)
     if grid * grid != rows - 1:
         raise MedvlpError(f"{source}: {V}positional_embedding has {rows} rows, not 1 + a square grid")
     blocks = _count(sd, re.escape(V) + r"transformer\.resblocks\.(\d+)\.")
@@ -314,8 +314,8 @@ def convert_state_dict(sd: Mapping[str, Tensor], model: MedVLP, task: str,
                                   f"{task} model needs it)")
             out[name] = tensor
         elif tuple(out[name].shape) != tuple(tensor.shape):
-            raise MedvlpError(f"{source}: key {_reference_name(name, task)} has shape {list(out[name].shape)}, expected "
-                              f"{list(tensor.shape)} from the sizes its other tensors give")
+            raise MedvlpError(f"{source}: key {_reference_name(name, task)} has shape {list(out[name].shape)}, "
+                              f"expected {list(tensor.shape)} from the sizes its other tensors give")
     return {name: out[name].to(ours[name].dtype) for name in ours}
 
 
@@ -356,7 +356,7 @@ def _check_positions(sd: Mapping[str, Tensor], model: MedVLP, source: str) -> No
     table = sd.get("mim_head.decoder_pos_embed")
     if table is None:
         return
-    grid = int(round((table.shape[1] - 1) ** 0.5))
+    grid = round((table.shape[1] - 1) ** 0.5)
     mine = sincos_2d(grid, grid, table.shape[-1], column_first=model.mim_decoder.column_first)
     if table.shape[1] != grid * grid + 1 or (table[0, 1:] - mine).abs().max() > 1e-5 or table[0, 0].abs().max() > 0:
         raise MedvlpError(f"{source}: mim_head.decoder_pos_embed {list(table.shape)} is not the fixed sine-cosine "

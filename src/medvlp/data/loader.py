@@ -38,9 +38,10 @@ class FamilyDataset(Dataset):
 
     ``answer_vocab``/``labels`` map VQA answers/class labels to indices (an answer outside the vocabulary
     gets index -1: it counts as wrong in evaluation and adds no training signal); ``answer_vocab`` may also be
-    a mapping answer -> index, where several answers share a class (a converted M3AE run's normalised answers). ``label_field`` picks the
-    record field a classification task trains on (MELINDA has several). ``image_cache_mb`` bounds the decoded
-    images each worker keeps (0: none); ``crop_scale`` the area range of training crops.
+    a mapping answer -> index, where several answers share a class (a converted M3AE run's normalised answers).
+    ``label_field`` picks the record field a classification task trains on (MELINDA has several).
+    ``image_cache_mb`` bounds the decoded images each worker keeps (0: none); ``crop_scale`` the area range of
+    training crops.
     """
 
     def __init__(self, root: Path | str, split: str, image_size: int, *, train: bool, seed: int = 0,
