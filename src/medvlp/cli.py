@@ -184,6 +184,16 @@ def cmd_explain(args: argparse.Namespace) -> None:
     print(f"heat-map ({result.method}) of {result.target!r} in {args.out}; hottest at x={x:.0f}, y={y:.0f}")
 
 
+def cmd_convert(args: argparse.Namespace) -> None:
+    from medvlp.convert import convert_m3ae
+
+    run = convert_m3ae(args.checkpoint, args.out, task=args.task, data=args.data, tokenizer=args.tokenizer,
+                       reference_config=args.reference_config, text_config=args.text_config,
+                       image_size=args.image_size, label_field=args.label_field)
+    kind = "pre-training run (use it as --init)" if (run / "checkpoints").is_dir() else "fine-tuned run"
+    print(f"run folder: {run} ({kind}; config.yaml, weights, converted.json)")
+
+
 def _seeds(text: str) -> list[int]:
     try:
         return [int(seed) for seed in text.split(",")]
@@ -277,14 +287,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_finetune)
 
     p = sub.add_parser("evaluate", help="evaluate a fine-tuned run on a split")
-    p.add_argument("run_dir", metavar="RUN", type=Path, help="a folder written by `medvlp finetune`")
+    p.add_argument("run_dir", metavar="RUN", type=Path,
+                   help="a folder written by `medvlp finetune` or `medvlp convert`")
     p.add_argument("--data", type=Path, help="another prepared dataset of the same task and classes")
     p.add_argument("--split", help="the split to evaluate (default: test)")
     p.set_defaults(run=cmd_evaluate, overrides=[])
     p.epilog = "Retrieval evaluation settings can be overridden, e.g. retrieval.eval_mode=exhaustive."
 
     p = sub.add_parser("predict", help="answer, classify or rank with a fine-tuned run")
-    p.add_argument("run_dir", metavar="RUN", type=Path, help="a folder written by `medvlp finetune`")
+    p.add_argument("run_dir", metavar="RUN", type=Path,
+                   help="a folder written by `medvlp finetune` or `medvlp convert`")
     p.add_argument("--image", type=Path, help="the image (PNG, JPEG, DICOM, ...)")
     p.add_argument("--question", help="a question about the image (a VQA run)")
     p.add_argument("--text", help="the text paired with the image (a classification run)")
@@ -319,6 +331,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_serve, overrides=[])
     p.epilog = ("Limits and batching are key=value options, e.g. max_upload_mb=16 max_batch=16 max_wait_ms=5 "
                 "request_timeout_s=30 precision=fp32 (see docs/serving.md).")
+
+    p = sub.add_parser("convert", help="turn a published M3AE checkpoint into a medvlp run folder")
+    p.add_argument("source", choices=("m3ae",), help="whose checkpoint it is (the reference M3AE code's)")
+    p.add_argument("checkpoint", type=Path, help="a Lightning .ckpt, a state-dict .pt/.bin or a .safetensors file")
+    p.add_argument("--out", type=Path, required=True, help="the run folder to write (new or empty)")
+    p.add_argument("--task", choices=("pretrain", "vqa", "classification", "retrieval"),
+                   help="what the checkpoint was trained for (default: read from its heads)")
+    p.add_argument("--data", type=Path, help="the prepared dataset it was fine-tuned on (VQA: the answers in the "
+                                             "reference's label order; classification: the labels)")
+    p.add_argument("--tokenizer", help="tokenizer folder or hub id (default FacebookAI/roberta-base)")
+    p.add_argument("--reference-config", type=Path, help="JSON/YAML of the reference's config values (num_heads, "
+                                                         "mim_decoder_num_heads, image_size, ...); default: the "
+                                                         "checkpoint's hyper_parameters, else the run scripts'")
+    p.add_argument("--text-config", type=Path, help="the RoBERTa config.json (or its folder), for its head count")
+    p.add_argument("--image-size", type=int, help="run at this image size (position table interpolated)")
+    p.add_argument("--label-field", help="classification: the record field of the labels (e.g. p_meth_label)")
+    p.set_defaults(run=cmd_convert)
+    p.epilog = ("Example: medvlp convert m3ae m3ae_vqa_rad.ckpt --out runs/m3ae-vqa-rad --data data/vqa-rad; "
+                "then medvlp evaluate runs/m3ae-vqa-rad")
 
     p = sub.add_parser("benchmark", help="fine-tune and evaluate every task, pre-trained and from scratch; "
                                          "write one report")

@@ -26,7 +26,6 @@ from medvlp.data.collate import Collator, stack_images
 from medvlp.data.images import ImageError, Window, open_image
 from medvlp.data.transforms import EvalTransform
 from medvlp.errors import DataError, MedvlpError
-from medvlp.objectives import match_score
 from medvlp.training.finetune import FinetuneConfig, load_finetuned
 
 ImageLike = str | Path | bytes | Image.Image
@@ -101,7 +100,7 @@ class Predictor:
             states = self.model.encode_image(pixels).states
             size = states.shape[0]
             logits = self.model.match(text.expand(size, -1, -1), mask.expand(size, -1), states)
-            scores.extend(match_score(logits.float()).tolist())
+            scores.extend(self.model.match_score(logits.float()).tolist())
         order = sorted(range(len(images)), key=lambda i: -scores[i])
         return [(images[i], scores[i]) for i in order]
 

@@ -30,6 +30,12 @@ def test_report_has_margin_baseline_and_the_papers_figures():
     assert "| M3AE (paper) | | 77.01 | 67.23 | 83.46 |" in text
 
 
+def test_report_says_when_no_published_figure_is_recorded():
+    results = {"init": None, "tasks": {"vqa": {**RESULTS["tasks"]["vqa"], "dataset": "synthetic-vqa"}}}
+    text = markdown_report(results)
+    assert "(paper)" not in text and "No published figure is recorded for synthetic-vqa" in text
+
+
 def test_task_prefixed_overrides_reach_only_their_task():
     overrides = ["trainer.max_steps=10", "retrieval:retrieval.negatives=1", "vqa:image_size=96"]
     assert for_task(overrides, "retrieval") == ["trainer.max_steps=10", "retrieval.negatives=1"]

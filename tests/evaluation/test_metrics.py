@@ -7,6 +7,7 @@ import torch
 
 from medvlp.evaluation.metrics import classification_metrics, vqa_accuracy
 from medvlp.evaluation.retrieval import EncodedPairs, recall_at_k, retrieval_metrics, two_stage_scores
+from medvlp.models.heads import match_score
 
 
 def test_vqa_accuracy_splits_open_and_closed():
@@ -42,6 +43,9 @@ class FakeFusion:
 
     def train(self, mode=True):
         return self
+
+    def match_score(self, itm_logits):  # MedVLP's rule at its default (model.cfg.itm_score = "log_odds")
+        return match_score(itm_logits)
 
     def match(self, text_states, mask, image_states):
         score = self.table[image_states[:, 0, 0].long(), text_states[:, 0, 0].long()]

@@ -103,3 +103,15 @@ def test_a_checkpoint_missing_weights_is_a_config_error(checkpoints, tmp_path):
     save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(ConfigError, match="lacks 1 weights.*fc2"):
         _build(vision=str(tmp_path))
+
+
+def test_drop_last_layers_keeps_the_first_blocks_of_a_pretrained_vision_tower(checkpoints):
+    root, originals = checkpoints  # M3AE uses 11 of CLIP's 12 blocks: model.vision.drop_last_layers=1
+    model = build_model(model_config("tiny", image_size=32, vision={"pretrained": str(root / "clip-vision"),
+                                                                    "drop_last_layers": 1}))
+    assert len(model.vision.model.encoder.layers) == 1 and model.cfg.vision.num_layers == 1
+    kept = originals["clip-vision"].encoder.layers[0].state_dict()
+    assert all(torch.equal(v, kept[k]) for k, v in model.vision.model.encoder.layers[0].state_dict().items())
+    with pytest.raises(ConfigError, match="drop_last_layers"):
+        build_model(model_config("tiny", image_size=32, vision={"pretrained": str(root / "clip-vision"),
+                                                                "drop_last_layers": 2}))

@@ -63,6 +63,16 @@ def test_each_task_fine_tunes_from_the_pretraining_run(pretrained, task, selecti
     assert again["test"] == pytest.approx(metrics["test"])
 
 
+def test_select_on_test_reproduces_the_reference_protocol(pretrained):
+    """select_on=test picks the checkpoint on the test split (M3AE on VQA-RAD): the best validation figures are
+    the test figures of the chosen weights."""
+    run = finetune(settings(pretrained, "vqa-select-test", "vqa", f"init={pretrained}", "select_on=test"))
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["split"] == "test"
+    assert metrics["val"]["overall_acc"] == pytest.approx(metrics["test"]["overall_acc"])
+    assert metrics["val"]["open_n"] + metrics["val"]["closed_n"] == metrics["rows"]
+
+
 def test_best_checkpoint_is_the_best_validation_step(pretrained, monkeypatch):
     from medvlp.training import downstream
 

@@ -17,7 +17,7 @@ import logging
 import random
 from bisect import bisect_right
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,13 +37,15 @@ class FamilyDataset(Dataset):
     """One split of one prepared dataset, as model-ready examples.
 
     ``answer_vocab``/``labels`` map VQA answers/class labels to indices (an answer outside the vocabulary
-    gets index -1: it counts as wrong in evaluation and adds no training signal). ``label_field`` picks the
-    record field a classification task trains on (MELINDA has several). ``image_cache_mb`` bounds the decoded
-    images each worker keeps (0: none); ``crop_scale`` the area range of training crops.
+    gets index -1: it counts as wrong in evaluation and adds no training signal); ``answer_vocab`` may also be
+    a mapping answer -> index, where several answers share a class (a converted M3AE run's normalised answers).
+    ``label_field`` picks the record field a classification task trains on (MELINDA has several).
+    ``image_cache_mb`` bounds the decoded images each worker keeps (0: none); ``crop_scale`` the area range of
+    training crops.
     """
 
     def __init__(self, root: Path | str, split: str, image_size: int, *, train: bool, seed: int = 0,
-                 answer_vocab: Sequence[str] | None = None, labels: Sequence[str] | None = None,
+                 answer_vocab: Sequence[str] | Mapping[str, int] | None = None, labels: Sequence[str] | None = None,
                  label_field: str = "label", image_cache_mb: float = 128,
                  crop_scale: tuple[float, float] = (0.5, 1.0)):
         self.records = Records(root, split)
@@ -52,7 +54,7 @@ class FamilyDataset(Dataset):
         self.transform = TrainTransform(image_size, crop_scale, seed=seed) if train else EvalTransform(image_size)
         manifest = self.records.manifest
         vocab = answer_vocab if answer_vocab is not None else manifest.get("answer_vocab", [])
-        self.answer_index = {a: i for i, a in enumerate(vocab)}
+        self.answer_index = dict(vocab) if isinstance(vocab, Mapping) else {a: i for i, a in enumerate(vocab)}
         label_names = labels if labels is not None else manifest.get("labels", [])
         self.label_index = {label: i for i, label in enumerate(label_names)}
         self.label_field = label_field

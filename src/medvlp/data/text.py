@@ -23,3 +23,42 @@ def normalize_answer_type(value: Any) -> str | None:
     """``"CLOSED "``, ``"closed"``, ``"Closed"`` -> ``"closed"``; anything but open/closed -> None."""
     text = str(value).strip().lower() if value is not None else ""
     return text if text in ("open", "closed") else None
+
+
+# -- the reference M3AE's answer normalisation (VQA-style; SPEC §10), for rebuilding its answer labels ------------
+_REFERENCE_PUNCTUATION = (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`",
+                          ",", "?", "!")
+_DIGIT_COMMA_DIGIT = re.compile(r"\d,\d")
+_LONE_PERIOD = re.compile(r"\.(?!\d)")
+_NUMBER_WORDS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
+                 "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
+_ARTICLES = {"a", "an", "the"}
+_CONTRACTIONS = {word.replace("'", ""): word for word in (
+    "ain't", "aren't", "can't", "couldn't", "didn't", "doesn't", "don't", "hadn't", "hasn't", "haven't", "isn't",
+    "mightn't", "mustn't", "needn't", "shouldn't", "wasn't", "weren't", "won't", "wouldn't", "he's", "she's",
+    "it'd", "i'm", "i've", "you're", "you've", "they're", "they've", "we're", "we've", "what's", "that's",
+    "there's", "where's", "who's", "let's", "y'all")}
+"""A part of the VQA contraction table (apostrophe-less word -> word): the common English contractions."""
+
+
+def reference_answer(answer: Any) -> str:
+    """An answer as the reference M3AE code normalises it to number its answer labels: text, lower case; each
+    punctuation mark of ``_REFERENCE_PUNCTUATION`` is removed when it touches a space or the answer holds a
+    digit-comma-digit group, else replaced by a space; periods not followed by a digit are removed (at most 32,
+    as the reference's call allows); words: number words to digits (none/zero -> 0, one..ten -> 1..10),
+    articles dropped, apostrophe-less contractions restored (common ones); single spaces; commas removed.
+    """
+    text = str(answer).lower()
+    digit_comma = _DIGIT_COMMA_DIGIT.search(text) is not None
+    for mark in _REFERENCE_PUNCTUATION:
+        if f"{mark} " in text or f" {mark}" in text or digit_comma:
+            text = text.replace(mark, "")
+        else:
+            text = text.replace(mark, " ")
+    text = _LONE_PERIOD.sub("", text, count=32)
+    words = []
+    for word in text.split():
+        word = _NUMBER_WORDS.get(word, word)
+        if word not in _ARTICLES:
+            words.append(_CONTRACTIONS.get(word, word))
+    return " ".join(words).replace(",", "")

@@ -156,9 +156,13 @@ def markdown_report(results: dict[str, Any]) -> str:
         if "baseline" in task_results:
             figures = task_results["baseline"]
             lines.append("| majority answer per type | | " + " | ".join(f"{figures[c]:.2f}" for c in columns) + " |")
-        for name, figures in PUBLISHED.get(task_results["dataset"], {}).items():
+        published = PUBLISHED.get(task_results["dataset"], {})
+        for name, figures in published.items():
             lines.append(f"| {name} | | " + " | ".join(f"{figures[c]:.2f}" if c in figures else "" for c in columns)
                          + " |")
+        if not published:
+            lines += ["", f"No published figure is recorded for {task_results['dataset']} (papers report on "
+                          f"{', '.join(sorted(PUBLISHED))} here)."]
         lines += ["", "Per run: " + "; ".join(
             f"{r['start']} seed {r['seed']}: {columns[0]} {r[split][columns[0]]:.2f} (best step {r['best_step']})"
             for r in runs), ""]

@@ -25,7 +25,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from medvlp.errors import ConfigError, DataError
-from medvlp.objectives.retrieval import match_score
 
 KS = (1, 5, 10)
 MODES = ("two-stage", "exhaustive", "zero-shot")
@@ -116,7 +115,7 @@ def encode_pairs(model, loader, image_ids: Sequence[int], states: bool = True) -
 
 @torch.no_grad()
 def pair_scores(model, encoded: EncodedPairs, images: Tensor, texts: Tensor, batch_size: int = 256) -> Tensor:
-    """ITM scores (log-odds of a match) of the pairs ``(images[n], texts[n])`` [N], fused ``batch_size`` at a
+    """ITM scores (``model.match_score``) of the pairs ``(images[n], texts[n])`` [N], fused ``batch_size`` at a
     time from the stored encoder states (each chunk cut to its longest text)."""
     was_training = model.training
     model.eval()
@@ -126,7 +125,7 @@ def pair_scores(model, encoded: EncodedPairs, images: Tensor, texts: Tensor, bat
         mask = encoded.text_mask[t]
         length = int(mask.sum(dim=1).max())
         logits = model.match(encoded.text_states[t, :length], mask[:, :length], encoded.image_states[i])
-        scores.append(match_score(logits).float())
+        scores.append(model.match_score(logits).float())
     model.train(was_training)
     return torch.cat(scores) if scores else torch.zeros(0)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from medvlp.errors import ConfigError
 
@@ -28,6 +28,7 @@ class VisionConfig:
     num_layers: int = 12
     num_heads: int = 12
     intermediate_size: int = 3072
+    drop_last_layers: int = 0  # blocks of a pretrained checkpoint left out at the top (M3AE uses 11 of CLIP's 12)
 
 
 @dataclass
@@ -69,6 +70,9 @@ class MIMDecoderConfig:
     num_layers: int = 4
     num_heads: int = 6
     intermediate_size: int = 1536
+    activation: Literal["gelu", "quick_gelu"] = "gelu"  # of the blocks' feed-forward; M3AE's CLIP blocks: quick_gelu
+    positions: Literal["row_first", "column_first"] = "row_first"  # which half of the sin-cos table is the row;
+    # MAE's and M3AE's table encodes the column in the first half
 
 
 @dataclass
@@ -88,6 +92,13 @@ class ModelConfig:
       ``logit_scale = log(1 / temperature)``, and used clamped to at least 0.01 (CLIP's rule).
     - ``num_classes``: width of the downstream classifier on the joint representation (the answer vocabulary
       for Med-VQA, the labels for classification); 0 builds none (pre-training, retrieval).
+    - ``classifier_expansion``: the classifier's hidden width as a multiple of the joint width (M3AE and METER:
+      1, i.e. 2 x fusion width; medvlp's default 2 gives the head twice that).
+    - ``visible_rounding``: how many patches MIM keeps, ``N * (1 - ratio)`` rounded (``round``) or truncated
+      (``floor``, M3AE's ``int()``); they differ only when the product is not whole.
+    - ``itm_score``: the scalar a fine-tuned model ranks image-text pairs by: the ITM log-odds
+      (``log_odds`` = logit[1] - logit[0]) or the "matched" logit alone (``matched``, M3AE's retrieval head,
+      which is the ITM head's row 1).
     """
 
     vision: VisionConfig = field(default_factory=VisionConfig)
@@ -107,6 +118,9 @@ class ModelConfig:
     embed_dim: int = 256
     temperature: float = 0.07
     num_classes: int = 0
+    classifier_expansion: int = 2
+    visible_rounding: Literal["round", "floor"] = "round"
+    itm_score: Literal["log_odds", "matched"] = "log_odds"
 
     @property
     def grid_size(self) -> int:
@@ -161,6 +175,10 @@ class ModelConfig:
         if self.mlm_layer is not None and not 0 <= self.mlm_layer <= layers:
             raise ConfigError(f"model.mlm_layer = {self.mlm_layer} is out of range: use 0 to {layers}, or null "
                               "for the last layer")
+        if self.classifier_expansion <= 0:
+            raise ConfigError(f"model.classifier_expansion = {self.classifier_expansion} must be positive")
+        if self.vision.drop_last_layers < 0:
+            raise ConfigError(f"model.vision.drop_last_layers = {self.vision.drop_last_layers} must be 0 or positive")
         if self.num_classes < 0:
             raise ConfigError(f"model.num_classes = {self.num_classes} must be 0 (no classifier) or positive")
         if self.memory_slots < 0:

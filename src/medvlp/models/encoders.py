@@ -55,22 +55,29 @@ class Masking:
     mask: Tensor
 
 
-def num_visible(num_patches: int, mask_ratio: float) -> int:
-    """Patches kept at ``mask_ratio``: ``round(N * (1 - ratio))``, at least one."""
-    return min(num_patches, max(1, round(num_patches * (1.0 - mask_ratio))))
+def num_visible(num_patches: int, mask_ratio: float, rounding: str = "round") -> int:
+    """Patches kept at ``mask_ratio``: ``N * (1 - ratio)`` rounded (``"round"``) or truncated (``"floor"``, M3AE's
+    ``int()``), at least one."""
+    kept = num_patches * (1.0 - mask_ratio)
+    return min(num_patches, max(1, round(kept) if rounding == "round" else int(kept)))
 
 
-def random_masking(x: Tensor, mask_ratio: float, generator: torch.Generator | None = None) -> tuple[Tensor, Masking]:
+def random_masking(x: Tensor, mask_ratio: float, generator: torch.Generator | None = None, *,
+                   noise: Tensor | None = None, rounding: str = "round") -> tuple[Tensor, Masking]:
     """Keep a random subset of the tokens of ``x`` [B, N, D], different for each sample (MAE-style).
 
-    Each sample ranks its tokens by uniform noise; the lowest ``num_visible`` are kept. Vectorised: one argsort
-    for the shuffle, a second one inverts it.
+    Each sample ranks its tokens by uniform noise (drawn from ``generator``, or the given ``noise`` [B, N]); the
+    lowest ``num_visible`` are kept, in the order of their noise (not re-sorted by position). Vectorised: one
+    argsort for the shuffle, a second one inverts it.
     """
     batch, length, dim = x.shape
-    keep = num_visible(length, mask_ratio)
-    noise_device = generator.device if generator is not None else x.device
-    noise = torch.rand(batch, length, generator=generator, device=noise_device).to(x.device)
-    ids_shuffle = noise.argsort(dim=1)
+    keep = num_visible(length, mask_ratio, rounding)
+    if noise is None:
+        noise_device = generator.device if generator is not None else x.device
+        noise = torch.rand(batch, length, generator=generator, device=noise_device)
+    elif noise.shape != (batch, length):
+        raise ValueError(f"masking noise of shape {tuple(noise.shape)} for {batch} images of {length} patches")
+    ids_shuffle = noise.to(x.device).argsort(dim=1)
     ids_restore = ids_shuffle.argsort(dim=1)
     ids_keep = ids_shuffle[:, :keep]
     visible = x.gather(1, ids_keep.unsqueeze(-1).expand(-1, -1, dim))
@@ -205,9 +212,10 @@ class VisionEncoder(nn.Module):
         self.model.config.image_size = grid * self.patch_size
         self.native_grid = grid
 
-    def forward(self, pixels: Tensor, mask_ratio: float = 0.0,
-                generator: torch.Generator | None = None) -> ImageEncoding:
-        """``pixels``: normalised float [B, 3, H, W]; with ``mask_ratio > 0`` only the kept patches are encoded."""
+    def forward(self, pixels: Tensor, mask_ratio: float = 0.0, generator: torch.Generator | None = None, *,
+                noise: Tensor | None = None, rounding: str = "round") -> ImageEncoding:
+        """``pixels``: normalised float [B, 3, H, W]; with ``mask_ratio > 0`` only the kept patches are encoded
+        (which ones: see ``random_masking``; ``noise`` [B, N] replaces the random draw)."""
         embeddings = self.model.embeddings
         _, _, height, width = pixels.shape
         if height % self.patch_size or width % self.patch_size:
@@ -218,7 +226,7 @@ class VisionEncoder(nn.Module):
         x = patches.flatten(2).transpose(1, 2) + positions[1:]
         masking = None
         if mask_ratio > 0:
-            x, masking = random_masking(x, mask_ratio, generator)
+            x, masking = random_masking(x, mask_ratio, generator, noise=noise, rounding=rounding)
         cls = (embeddings.class_embedding + positions[0]).to(x.dtype).expand(x.shape[0], 1, -1)
         x = self.model.pre_layrnorm(torch.cat([cls, x], dim=1))
         for layer in self.model.encoder.layers:
@@ -240,6 +248,13 @@ def build_vision_encoder(cfg: VisionConfig, image_size: int, patch_size: int) ->
     source = _resolve_source(cfg.pretrained, field, expected)
     _load_hf_config(source, field, expected, VISION_MODEL_TYPES)
     model = _from_pretrained(CLIPVisionModel, source, field, attn_implementation="sdpa")
+    if cfg.drop_last_layers:
+        layers = model.encoder.layers
+        if cfg.drop_last_layers >= len(layers):
+            raise ConfigError(f"model.vision.drop_last_layers = {cfg.drop_last_layers} leaves none of the "
+                              f"{len(layers)} blocks of {source}")
+        model.encoder.layers = layers[:len(layers) - cfg.drop_last_layers]
+        model.config.num_hidden_layers = len(model.encoder.layers)
     if model.config.patch_size != patch_size:
         raise ConfigError(f"{field}: {source} uses {model.config.patch_size}-pixel patches but model.patch_size is "
                           f"{patch_size}; set model.patch_size={model.config.patch_size}")

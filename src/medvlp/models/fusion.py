@@ -45,6 +45,17 @@ class MultiHeadAttention(nn.Module):
         batch, length, width = x.shape
         return x.view(batch, length, self.num_heads, width // self.num_heads).transpose(1, 2)
 
+    def attention_probs(self, query: Tensor, context: Tensor, key_mask: Tensor | None = None) -> Tensor:
+        """The attention weights [B, heads, Lq, Lk] that ``forward`` uses (for inspection; SDPA does not return
+        them): softmax of the scaled query-key products, masked keys at zero."""
+        q, k = self._split(self.query(query)), self._split(self.key(context))
+        if k.shape[0] != q.shape[0]:
+            k = k.expand(q.shape[0], -1, -1, -1)
+        scores = q @ k.transpose(-2, -1) / q.shape[-1] ** 0.5
+        if key_mask is not None:
+            scores = scores.masked_fill(~key_mask, float("-inf"))
+        return scores.softmax(dim=-1)
+
     def forward(self, query: Tensor, context: Tensor, key_mask: Tensor | None = None) -> Tensor:
         """``key_mask``: boolean, broadcastable to [B, heads, Lq, Lk], True where a key may be attended to."""
         q, k, v = self._split(self.query(query)), self._split(self.key(context)), self._split(self.value(context))

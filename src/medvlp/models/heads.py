@@ -62,11 +62,20 @@ class MLMHead(nn.Module):
         return self.decoder(self.norm(self.act(self.dense(states))))
 
 
-def sincos_2d(grid_h: int, grid_w: int, dim: int) -> Tensor:
+def quick_gelu(x: Tensor) -> Tensor:
+    """CLIP's GELU approximation ``x * sigmoid(1.702 x)``, which its blocks (and M3AE's MIM decoder) use."""
+    return x * torch.sigmoid(1.702 * x)
+
+
+ACTIVATIONS = {"gelu": F.gelu, "quick_gelu": quick_gelu}
+
+
+def sincos_2d(grid_h: int, grid_w: int, dim: int, column_first: bool = False) -> Tensor:
     """Fixed 2-D sine-cosine positions [grid_h * grid_w, dim] in raster order.
 
-    Half of the channels encode the row, half the column; each half is ``sin`` then ``cos`` of the coordinate
-    times frequencies ``10000 ** (-k / (dim / 4))``, k = 0 .. dim/4 - 1.
+    Half of the channels encode the row, half the column (the row first, or the column first with
+    ``column_first``, as MAE's and M3AE's table does); each half is ``sin`` then ``cos`` of the coordinate times
+    frequencies ``10000 ** (-k / (dim / 4))``, k = 0 .. dim/4 - 1. Computed in float64, returned as float32.
     """
     if dim % 4:
         raise ValueError(f"sine-cosine positions need a width divisible by 4, got {dim}")
@@ -79,7 +88,8 @@ def sincos_2d(grid_h: int, grid_w: int, dim: int) -> Tensor:
         angles = coords.reshape(-1, 1) * freqs
         return torch.cat([angles.sin(), angles.cos()], dim=1)
 
-    return torch.cat([encode(rows), encode(cols)], dim=1).float()
+    halves = [encode(cols), encode(rows)] if column_first else [encode(rows), encode(cols)]
+    return torch.cat(halves, dim=1).float()
 
 
 class MIMDecoder(nn.Module):
@@ -87,7 +97,8 @@ class MIMDecoder(nn.Module):
 
     Linear from the fusion width to the decoder width; un-shuffle with ``ids_restore`` (one gather); add fixed
     2-D sine-cosine positions (the class token gets position zero); pre-LN Transformer blocks (PyTorch's
-    ``TransformerEncoderLayer`` with ``norm_first``, which attends through SDPA); LayerNorm; linear to
+    ``TransformerEncoderLayer`` with ``norm_first``, which attends through SDPA; ``cfg.activation`` in the
+    feed-forward: GELU, or CLIP's QuickGELU as in M3AE's CLIP-style decoder blocks); LayerNorm; linear to
     ``patch_size**2 * 3`` pixel values per patch. The class token is dropped from the output.
     """
 
@@ -95,11 +106,13 @@ class MIMDecoder(nn.Module):
         super().__init__()
         width = cfg.hidden_size
         self.width = width
+        self.column_first = cfg.positions == "column_first"
         self.embed = nn.Linear(in_width, width)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, width))
         nn.init.normal_(self.mask_token, std=0.02)
         self.blocks = nn.ModuleList(
-            nn.TransformerEncoderLayer(width, cfg.num_heads, cfg.intermediate_size, dropout=0.0, activation="gelu",
+            nn.TransformerEncoderLayer(width, cfg.num_heads, cfg.intermediate_size, dropout=0.0,
+                                       activation=ACTIVATIONS[cfg.activation],
                                        batch_first=True, norm_first=True)
             for _ in range(cfg.num_layers)
         )
@@ -123,7 +136,7 @@ class MIMDecoder(nn.Module):
             visible = shuffled.gather(1, ids_restore.unsqueeze(-1).expand(-1, -1, width))
         elif num_visible != num_patches:
             raise ValueError(f"{num_visible} patch tokens for a {grid[0]}x{grid[1]} grid and no ids_restore")
-        positions = sincos_2d(grid[0], grid[1], width).to(device=x.device, dtype=x.dtype)
+        positions = sincos_2d(grid[0], grid[1], width, self.column_first).to(device=x.device, dtype=x.dtype)
         x = torch.cat([cls, visible + positions], dim=1)
         for block in self.blocks:
             x = block(x)
@@ -140,6 +153,16 @@ class ITMHead(nn.Module):
 
     def forward(self, joint: Tensor) -> Tensor:
         return self.fc(joint)
+
+
+def match_score(itm_logits: Tensor, rule: str = "log_odds") -> Tensor:
+    """ITM logits [..., 2] -> the score of a match [...] (index 1 = matched): its log-odds (``"log_odds"``), or
+    the "matched" logit alone (``"matched"``: M3AE's retrieval head is the ITM head's row 1)."""
+    if rule == "matched":
+        return itm_logits[..., 1]
+    if rule != "log_odds":
+        raise ValueError(f"unknown ITM score rule {rule!r}; use 'log_odds' or 'matched'")
+    return itm_logits[..., 1] - itm_logits[..., 0]
 
 
 MAX_LOGIT_SCALE = math.log(100.0)
@@ -180,16 +203,18 @@ class AlignmentHead(nn.Module):
 
 
 class ClassifierHead(nn.Module):
-    """The downstream head of METER and M3AE on the joint representation: dense to twice its width, LayerNorm,
-    GELU, dense to the classes (answers for Med-VQA, labels for classification)."""
+    """The downstream head on the joint representation: dense to ``expansion`` times its width, LayerNorm (eps
+    1e-5), GELU, dense to the classes (answers for Med-VQA, labels for classification). METER's and M3AE's head
+    keeps the width (``expansion=1``)."""
 
-    def __init__(self, joint_width: int, num_classes: int) -> None:
+    def __init__(self, joint_width: int, num_classes: int, expansion: int = 2) -> None:
         super().__init__()
         if num_classes < 1:
             raise ValueError(f"a classifier head needs at least one class, got {num_classes}")
         self.num_classes = num_classes
-        self.net = nn.Sequential(nn.Linear(joint_width, 2 * joint_width), nn.LayerNorm(2 * joint_width), nn.GELU(),
-                                 nn.Linear(2 * joint_width, num_classes))
+        hidden = expansion * joint_width
+        self.net = nn.Sequential(nn.Linear(joint_width, hidden), nn.LayerNorm(hidden, eps=1e-5), nn.GELU(),
+                                 nn.Linear(hidden, num_classes))
         bert_init_(self)
 
     def forward(self, joint: Tensor) -> Tensor:

@@ -19,7 +19,7 @@ from medvlp.models.config import ModelConfig
 from medvlp.models.encoders import (ImageEncoding, Masking, build_text_encoder, build_vision_encoder,
                                     random_masking)
 from medvlp.models.fusion import CoAttentionFusion, FusionOutput
-from medvlp.models.heads import AlignmentHead, ClassifierHead, ITMHead, MIMDecoder, MLMHead
+from medvlp.models.heads import AlignmentHead, ClassifierHead, ITMHead, MIMDecoder, MLMHead, match_score
 
 __all__ = ["CLIP_MEAN", "CLIP_STD", "MedVLP", "MedVLPOutput", "build_model", "normalize_pixels", "param_groups",
            "patchify", "random_masking", "unpatchify"]
@@ -151,7 +151,8 @@ class MedVLP(nn.Module):
         self.itm_head = ITMHead(2 * width)
         self.align_head = AlignmentHead(self.vision.hidden_size, self.text.hidden_size, cfg.embed_dim,
                                         cfg.temperature)
-        self.classifier = ClassifierHead(2 * width, cfg.num_classes) if cfg.num_classes else None
+        self.classifier = (ClassifierHead(2 * width, cfg.num_classes, cfg.classifier_expansion) if cfg.num_classes
+                           else None)
         self.register_buffer("pixel_mean", torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(CLIP_STD).view(1, 3, 1, 1), persistent=False)
 
@@ -170,10 +171,12 @@ class MedVLP(nn.Module):
 
     # -- encoders and fusion --------------------------------------------------------------------------------------
 
-    def encode_image(self, pixels: Tensor, mask_ratio: float = 0.0,
-                     generator: torch.Generator | None = None) -> ImageEncoding:
-        """uint8 pixels -> vision states [B, 1 + K, Dv]; with ``mask_ratio > 0`` only the kept patches are encoded."""
-        return self.vision(self.normalize(pixels), mask_ratio, generator)
+    def encode_image(self, pixels: Tensor, mask_ratio: float = 0.0, generator: torch.Generator | None = None,
+                     noise: Tensor | None = None) -> ImageEncoding:
+        """uint8 pixels -> vision states [B, 1 + K, Dv]; with ``mask_ratio > 0`` only the kept patches are encoded
+        (chosen by ``noise`` [B, N] when given, else drawn from ``generator``)."""
+        return self.vision(self.normalize(pixels), mask_ratio, generator, noise=noise,
+                           rounding=self.cfg.visible_rounding)
 
     def encode_text(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """Token ids [B, L] -> text states [B, L, Dt]."""
@@ -182,6 +185,10 @@ class MedVLP(nn.Module):
 
     def fuse(self, text_states: Tensor, attention_mask: Tensor, image_states: Tensor) -> FusionOutput:
         return self.fusion(text_states, attention_mask.to(text_states.device), image_states)
+
+    def match_score(self, itm_logits: Tensor) -> Tensor:
+        """The scalar pairs are ranked by, from ITM logits [..., 2] (see ``ModelConfig.itm_score``)."""
+        return match_score(itm_logits, self.cfg.itm_score)
 
     def match(self, text_features: Tensor, attention_mask: Tensor, image_features: Tensor) -> Tensor:
         """ITM logits [B, 2] for given encoder states, without encoding again: fuse, then the ITM head.
@@ -212,7 +219,7 @@ class MedVLP(nn.Module):
 
     def forward(self, batch: Mapping[str, Tensor], *, mask_image: bool = False, mask_text: bool = False,
                 itm: bool = False, align: bool = False, classify: bool = False,
-                generator: torch.Generator | None = None) -> MedVLPOutput:
+                generator: torch.Generator | None = None, image_noise: Tensor | None = None) -> MedVLPOutput:
         """One pass over a batch; each head runs only when its task asks for it.
 
         - ``mask_image``: drop ``image_mask_ratio`` of the patches and predict their pixels (MIM).
@@ -225,10 +232,11 @@ class MedVLP(nn.Module):
           ``objectives.local_alignment_loss``. One linear per modality over the whole sequence.
 
         M3AE runs three passes per step (``mask_text``; ``mask_image``; ``itm`` on a swapped batch); MPMA's
-        paired masking is one pass with ``mask_image`` and ``mask_text`` together.
+        paired masking is one pass with ``mask_image`` and ``mask_text`` together. ``image_noise`` [B, N] chooses
+        the kept patches instead of a random draw (to replay a given mask).
         """
         pixels = batch["pixels"]
-        image = self.encode_image(pixels, self.cfg.image_mask_ratio if mask_image else 0.0, generator)
+        image = self.encode_image(pixels, self.cfg.image_mask_ratio if mask_image else 0.0, generator, image_noise)
         input_ids = batch["mlm_input_ids"] if mask_text else batch["input_ids"]
         text = self.encode_text(input_ids, batch["attention_mask"])
         fused = self.fuse(text, batch["attention_mask"], image.states)

@@ -1,6 +1,7 @@
 """Retrieval fine-tuning: rank each true pair above its negatives by the ITM score (METER's and M3AE's rule).
 
-``match_score`` is the scalar the fine-tuned model ranks candidates by: the ITM head's log-odds of "matched".
+``match_score`` is the scalar a fine-tuned model ranks candidates by: the ITM log-odds of "matched" or, as in
+M3AE, the "matched" logit alone (``ModelConfig.itm_score``; ``MedVLP.match_score`` applies the model's rule).
 """
 
 from __future__ import annotations
@@ -9,10 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from medvlp.models.heads import match_score
 
-def match_score(itm_logits: Tensor) -> Tensor:
-    """ITM logits [..., 2] -> log-odds that image and text match [...] (index 1 = matched)."""
-    return itm_logits[..., 1] - itm_logits[..., 0]
+__all__ = ["match_score", "ranking_loss"]
 
 
 def ranking_loss(scores: Tensor) -> tuple[Tensor, dict[str, Tensor]]:

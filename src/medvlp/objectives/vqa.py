@@ -25,16 +25,22 @@ def vqa_loss(outputs: MedVLPOutput, batch: Mapping[str, Tensor]) -> tuple[Tensor
     """Binary cross-entropy of every answer's logit against its soft score, summed over answers and averaged
     over the questions whose answer is in the vocabulary (METER's and M3AE's VQA loss).
 
-    Reads ``batch["answer"]`` [B] (index, -1 when unknown). Metric ``accuracy``: the top answer is right.
+    Reads ``batch["answer"]`` [B] (index, -1 when unknown), or dense soft scores ``batch["answer_scores"]``
+    [B, A] when the batch has them (several scored answers per question, as in VQA v2; every row counts).
+    Metric ``accuracy``: the score of the top answer (exact match with one answer per question).
     """
     logits = outputs.class_logits
     if logits is None:
         raise ValueError("vqa_loss needs answer logits: run the model with classify=True")
     logits = logits.float()
-    answers = batch["answer"].to(logits.device)
-    known = answers >= 0
-    targets = vqa_targets(answers, logits.shape[1])
+    if "answer_scores" in batch:
+        targets = batch["answer_scores"].to(logits.device).float()
+        known = torch.ones(logits.shape[0], dtype=torch.bool, device=logits.device)
+    else:
+        answers = batch["answer"].to(logits.device)
+        known = answers >= 0
+        targets = vqa_targets(answers, logits.shape[1])
     per_answer = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
     loss = (per_answer.sum(dim=1) * known).sum() / known.sum().clamp(min=1)
-    accuracy = (logits.argmax(dim=1) == answers).float().mean()
+    accuracy = targets.gather(1, logits.argmax(dim=1, keepdim=True)).squeeze(1).mean()
     return loss, {"accuracy": accuracy.detach()}

@@ -29,7 +29,7 @@ from medvlp.errors import MedvlpError
 from medvlp.evaluation.metrics import classification_metrics, vqa_accuracy
 from medvlp.evaluation.retrieval import encode_pairs, retrieval_metrics
 from medvlp.models.model import MedVLP
-from medvlp.objectives import classification_loss, hard_negatives, itc_loss, match_score, ranking_loss, vqa_loss
+from medvlp.objectives import classification_loss, hard_negatives, itc_loss, ranking_loss, vqa_loss
 
 
 @dataclass
@@ -102,7 +102,7 @@ def retrieval_step(model: MedVLP, batch: Mapping[str, Any], cfg: RetrievalConfig
         return loss, metrics
     similarity = out.logit_scale * out.text_embed @ out.image_embed.T  # [text, image]
     mask = batch["attention_mask"].to(out.text_features.device)
-    positive = match_score(out.itm_logits)[:, None]  # [B, 1]
+    positive = model.match_score(out.itm_logits)[:, None]  # [B, 1]
     image_donors = hard_negatives(similarity, k=k)  # [B, k]: other images for each text
     text_donors = hard_negatives(similarity.T, k=k)  # [B, k]: other texts for each image
     text_rows = torch.arange(size, device=image_donors.device).repeat_interleave(k)
@@ -111,7 +111,7 @@ def retrieval_step(model: MedVLP, batch: Mapping[str, Any], cfg: RetrievalConfig
     other_texts = text_donors.flatten()
     wrong_text = model.match(out.text_features[other_texts], mask[other_texts], out.image_features[text_rows])
     for name, negatives in (("t2i", wrong_image), ("i2t", wrong_text)):
-        rank, m = ranking_loss(torch.cat([positive, match_score(negatives).view(size, k)], dim=1))
+        rank, m = ranking_loss(torch.cat([positive, model.match_score(negatives).view(size, k)], dim=1))
         loss = loss + rank / 2
         metrics[f"rank_{name}_acc"] = m["accuracy"]
     return loss, metrics

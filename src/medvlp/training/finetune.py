@@ -24,7 +24,7 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -71,11 +71,17 @@ class FinetuneConfig:
     synthetic: SynthConfig = field(default_factory=SynthConfig)
     label_field: str = "label"  # the record field a classification task learns (MELINDA: i_meth, p_meth, ...)
     val_fraction: float = 0.1  # of the training images held out for validation when the data has no val split
+    # which split picks the best checkpoint: "val" (its own, or held out from train), or "test" to reproduce the
+    # reference M3AE protocol on VQA-RAD, whose published valset.json is a copy of testset.json (selection on test)
+    select_on: Literal["val", "test"] = "val"
     max_text_len: int = 64
     batch_size: int = 32
     num_workers: int = 2
     crop_scale: tuple[float, float] = (0.9, 1.0)  # training crops: mild, a question may ask about the edge
     classes: list[str] = field(default_factory=list)  # the classifier's classes, filled from the data
+    # how VQA answers of the data meet the classes: as stored ("medvlp"), or each through the reference M3AE's
+    # normalisation ("m3ae": a converted M3AE run, whose classes are the reference's normalised answers)
+    answer_normalization: Literal["medvlp", "m3ae"] = "medvlp"
     retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, classifier_lr_mult=10.0, warmup=0.1))
     trainer: TrainerConfig = field(default_factory=lambda: TrainerConfig(max_steps=300, val_every=100))
@@ -173,9 +179,10 @@ def data_classes(root: Path, task: DownstreamTask, label_field: str) -> list[str
     return list(manifest.get(task.classes, []))
 
 
-def check_classes(have: Sequence[str], need: Sequence[str], source: str, data: Path) -> None:
-    """Refuse a classifier trained on other classes than the data's (never silently re-initialised)."""
-    if list(have) == list(need):
+def check_classes(have: Sequence[str], need: Sequence[str], source: str, data: Path, ordered: bool = True) -> None:
+    """Refuse a classifier trained on other classes than the data's (never silently re-initialised); with
+    ``ordered=False`` the same classes in another order pass (the caller maps them by name)."""
+    if list(have) == list(need) or (not ordered and len(have) == len(need) and set(have) == set(need)):
         return
     missing = [c for c in need if c not in set(have)]
     example = f"; e.g. {missing[0]!r} is new" if missing else ""
@@ -244,7 +251,8 @@ def load_finetuned(run: Path | str) -> tuple[FinetuneConfig, MedVLP, Any]:
     if missing or unexpected:
         raise MedvlpError(f"{run / WEIGHTS} does not fit the model of {run / 'config.yaml'}: {len(missing)} weights "
                           f"missing (e.g. {missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]})")
-    return config, model.eval(), load_tokenizer(run / "tokenizer")
+    own = run / "tokenizer"  # a converted run may refer to its tokenizer by hub id instead
+    return config, model.eval(), load_tokenizer(own if own.is_dir() or not config.tokenizer else config.tokenizer)
 
 
 # -- training ----------------------------------------------------------------------------------------------------
@@ -361,7 +369,13 @@ def _finetune(config: FinetuneConfig, callbacks: Sequence[L.Callback]) -> Path:
     train_full = FamilyDataset(root, "train", size, train=True, seed=config.trainer.seed,
                                crop_scale=tuple(config.crop_scale), **args)
     val_split = next((s for s in ("val", "validation") if s in read_manifest(root)["splits"]), None)
-    if val_split:
+    if config.select_on == "test":
+        test_split = evaluation_split(root)
+        log.warning("select_on=test: the best checkpoint is chosen on %s's %s split, as the reference M3AE does on "
+                    "VQA-RAD; its test figures are then optimistic (for comparison with the paper only)", root,
+                    test_split)
+        train, val = train_full, FamilyDataset(root, test_split, size, train=False, **args)
+    elif val_split:
         train, val = train_full, FamilyDataset(root, val_split, size, train=False, **args)
     else:
         train_rows, val_rows = holdout_images(train_full.image_ids(), config.val_fraction,
@@ -398,19 +412,36 @@ def _finetune(config: FinetuneConfig, callbacks: Sequence[L.Callback]) -> Path:
     return run_dir
 
 
+def run_answers(config: FinetuneConfig, need: Sequence[str], source: str, data: Path) -> dict[str, int]:
+    """Answer (or label) -> class index of a run for a dataset whose classes are ``need``, checked: the same
+    classes in any order, or with ``answer_normalization="m3ae"`` the same classes once each stored answer is
+    normalised as the reference M3AE does (several stored answers may then share a class)."""
+    index = {name: i for i, name in enumerate(config.classes)}
+    if config.task == "vqa" and config.answer_normalization == "m3ae":
+        from medvlp.data.text import reference_answer
+
+        normalised = {answer: reference_answer(answer) for answer in need}
+        check_classes(config.classes, sorted(set(normalised.values())), source, data, ordered=False)
+        return {answer: index[label] for answer, label in normalised.items()}
+    check_classes(config.classes, need, source, data, ordered=False)  # the mapping below follows the run's order
+    return index
+
+
 def evaluate_run(run: Path | str, data: Path | str | None = None, split: str | None = None,
                  overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """Evaluate a fine-tuned run (its best weights) on a split of its own dataset or of ``data`` (test by
     default). ``overrides`` may change the retrieval evaluation (``{"eval_mode": "exhaustive"}``)."""
     config, model, tokenizer = load_finetuned(run)
     task = downstream_task(config.task)
+    if not data and not config.data:
+        raise MedvlpError(f"{run} names no dataset (a converted checkpoint); give one with --data PREPARED")
     root = Path(data) if data else Path(config.data)
     family = read_manifest(root)["family"]
     if family != task.family:
         raise DataError(f"{root} holds {family} data; {run} was fine-tuned for {config.task} on {task.family} data")
-    check_classes(config.classes, data_classes(root, task, config.label_field), str(run), root)
+    answers = run_answers(config, data_classes(root, task, config.label_field), str(run), root)
     split = evaluation_split(root, split)
-    dataset = FamilyDataset(root, split, config.model.image_size, train=False, answer_vocab=config.classes,
+    dataset = FamilyDataset(root, split, config.model.image_size, train=False, answer_vocab=answers,
                             labels=config.classes, label_field=config.label_field)
     retrieval = dataclasses.replace(config.retrieval, **(overrides or {}))
     metrics = task.evaluate(model, eval_loader(config, tokenizer, dataset), dataset, retrieval)
