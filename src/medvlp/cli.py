@@ -1,7 +1,8 @@
 """The ``medvlp`` command: one subcommand per stage, one YAML config per run, ``key=value`` overrides.
 
 A user's mistake (bad data, bad config, missing path) ends the command with one line on stderr and status 2,
-never a traceback.
+never a traceback. Every command reads and checks its config and arguments before it imports torch or loads a
+model, so such a line comes in a fraction of a second.
 """
 
 from __future__ import annotations
@@ -17,10 +18,10 @@ from medvlp.errors import MedvlpError
 from medvlp.log import setup as setup_logging
 
 
-def _config_args(parser: argparse.ArgumentParser) -> None:
+def _config_args(parser: argparse.ArgumentParser, examples: str) -> None:
     parser.add_argument("--config", type=Path, help="YAML config file (defaults are used for what it leaves out)")
     parser.set_defaults(overrides=[])
-    parser.epilog = "Any config value can be overridden as key=value, e.g. val_fraction=0.1 or model.size=base."
+    parser.epilog = f"Any config value can be overridden as key=value, e.g. {examples}."
 
 
 def cmd_datasets(args: argparse.Namespace) -> None:
@@ -43,9 +44,12 @@ def cmd_prepare(args: argparse.Namespace) -> None:
 
 
 def cmd_synth(args: argparse.Namespace) -> None:
-    from medvlp.data.synthetic import SynthConfig, generate
+    from medvlp.data.synth_config import SynthConfig
 
     config = load_config(SynthConfig, config_path(args.config), args.overrides)
+    from medvlp.data.synthetic import generate
+
+
     manifests = generate(args.out, config)
     for family, manifest in manifests.items():
         splits = ", ".join(f"{name} {entry['rows']:,}" for name, entry in manifest["splits"].items())
@@ -53,14 +57,18 @@ def cmd_synth(args: argparse.Namespace) -> None:
 
 
 def cmd_pretrain(args: argparse.Namespace) -> None:
-    from medvlp.training.pretrain import load_pretrain_config, pretrain
+    from medvlp.training.config import load_pretrain_config
 
     config = load_pretrain_config(config_path(args.config), args.overrides)
+    from medvlp.training.pretrain import pretrain
+
     run_dir = pretrain(config, resume=args.resume)
     print(f"run folder: {run_dir} (checkpoints/, logs/, pictures/, config.yaml)")
 
 
 def cmd_export(args: argparse.Namespace) -> None:
+    if args.out.exists() and not args.out.is_dir():
+        raise MedvlpError(f"--out {args.out} is a file; give a new folder for vision/, text/ and tokenizer/")
     from medvlp.training.pretrain import export_encoders
 
     paths = export_encoders(args.run_dir, args.out)
@@ -70,45 +78,37 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    """Synthesise -> pre-train -> fine-tune every task, pre-trained and from scratch -> report."""
+    """Synthesise -> pre-train -> fine-tune every task, pre-trained and from scratch -> report; rerunnable."""
     import json
 
-    from medvlp.evaluation.benchmark import benchmark
-    from medvlp.training.pretrain import load_pretrain_config, pretrain, zero_shot
+    from medvlp.jobs.demo import plan_demo, run_demo
 
-    pretrain_overrides = [o for o in args.overrides if not o.startswith("finetune.")]
-    finetune_overrides = [o.removeprefix("finetune.") for o in args.overrides if o.startswith("finetune.")]
-    overrides = [f"run_dir={args.out / 'pretrain'}", f"data.synthetic_dir={args.out / 'data'}", *pretrain_overrides]
-    config = load_pretrain_config(config_path(args.config or Path("mpma-tiny")), overrides)
-    print("[1/2] pre-training", flush=True)
-    run_dir = pretrain(config)
+    demo = plan_demo(args.out, config_path(args.config or Path("mpma-tiny")), args.overrides)
+    run_dir, report = run_demo(demo, fresh=args.fresh, say=lambda line: print(line, flush=True))
     metrics = json.loads((run_dir / "metrics.json").read_text())
     print("held-out (synthetic val): " + ", ".join(f"{k.removeprefix('val/')} {v:.3f}" for k, v in metrics.items()
                                                     if k.endswith(("_acc", "_loss")) and "/" in k))
-    if config.tasks.itc:
+    if demo.pretrain.tasks.itc:
+        from medvlp.training.pretrain import zero_shot
+
         print_retrieval(zero_shot(run_dir), "zero-shot retrieval on the synthetic test pairs")
-    print("[2/2] fine-tuning vqa, classification and retrieval, pre-trained and from scratch", flush=True)
-    report = benchmark(str(run_dir), args.out / "benchmark", overrides=[
-        f"synthetic_dir={args.out / 'data'}", *DEMO_FINETUNE,
-        *finetune_overrides])
     print(report.read_text())
     print(f"pre-training run: {run_dir}\nreport: {report} (and report.json, curves.png beside it)")
-
-
-# Fine-tuning in the demo, short enough for the six runs to fit the demo's 15 minutes on 2 CPU cores: retrieval
-# fuses every negative pair, so it runs fewer steps, one hard negative each way and re-ranks 8 candidates.
-DEMO_FINETUNE = ["trainer.max_steps=120", "trainer.val_every=60", "retrieval:trainer.max_steps=60",
-                 "retrieval:retrieval.negatives=1", "retrieval:retrieval.rerank_k=8"]
 
 
 def cmd_finetune(args: argparse.Namespace) -> None:
     import json
 
-    from medvlp.training.finetune import finetune, load_finetune_config
+    from medvlp.training.config import load_finetune_config
 
     flags = [f"{key}={value}" for key, value in (("task", args.task), ("data", args.data), ("init", args.init))
              if value is not None]
     config = load_finetune_config(config_path(args.config), [*flags, *args.overrides])
+    for flag in ("init", "data"):
+        if getattr(config, flag) is not None and not Path(getattr(config, flag)).exists():
+            raise MedvlpError(f"--{flag} {getattr(config, flag)}: no such folder")
+    from medvlp.training.finetune import finetune
+
     run_dir = finetune(config)
     metrics = json.loads((run_dir / "metrics.json").read_text())
     print_metrics(metrics, f"{config.task}, best validation step {metrics['best_step']}")
@@ -178,7 +178,8 @@ def cmd_benchmark(args: argparse.Namespace) -> None:
             raise MedvlpError(f"--data {item}: write it as TASK=DIR, e.g. --data vqa=prepared/vqa_rad")
         data[task] = folder
     report = benchmark(args.init, args.out, tasks=args.tasks.split(","), data=data, seeds=args.seeds,
-                       scratch=not args.no_scratch, overrides=args.overrides)
+                       scratch=not args.no_scratch, overrides=args.overrides, fresh=args.fresh,
+                       say=lambda line: print(line, flush=True))
     print(report.read_text())
 
 
@@ -216,16 +217,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", help="dataset name (see `medvlp datasets`)")
     p.add_argument("--raw", type=Path, required=True, help="the dataset's folder as its publisher ships it")
     p.add_argument("--out", type=Path, required=True, help="where to write the prepared dataset")
-    _config_args(p)
+    _config_args(p, "val_fraction=0.1 or max_short_side=512")
     p.set_defaults(run=cmd_prepare)
 
     p = sub.add_parser("synth", help="write the built-in synthetic radiology corpus")
     p.add_argument("--out", type=Path, required=True, help="folder for the four prepared datasets")
-    _config_args(p)
+    _config_args(p, "image_size=64 or vqa_train=500")
     p.set_defaults(run=cmd_synth)
 
     p = sub.add_parser("pretrain", help="pre-train a model (M3AE or MPMA) on image-caption pairs")
-    _config_args(p)
+    _config_args(p, "model_size=base or trainer.max_steps=1000")
     p.add_argument("--resume", action="store_true", help="continue the run in run_dir from its last checkpoint")
     p.set_defaults(run=cmd_pretrain)
 
@@ -244,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", choices=("vqa", "classification", "retrieval"), help="the downstream task")
     p.add_argument("--data", help="a prepared dataset of the task (default: the synthetic corpus's)")
     p.add_argument("--init", help="a pre-training run to start from (default: from scratch)")
-    _config_args(p)
+    _config_args(p, "val_fraction=0.1 or trainer.max_steps=1000")
     p.set_defaults(run=cmd_finetune)
 
     p = sub.add_parser("evaluate", help="evaluate a fine-tuned run on a split")
@@ -276,14 +277,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a prepared dataset for a task (default: the synthetic corpus's); repeatable")
     p.add_argument("--seeds", type=_seeds, default=[0], help="comma-separated fine-tuning seeds (default 0)")
     p.add_argument("--no-scratch", action="store_true", help="skip the from-scratch baseline")
+    p.add_argument("--fresh", action="store_true", help="first remove what an earlier benchmark wrote to --out "
+                                                          "(default: reuse its finished runs)")
     p.set_defaults(run=cmd_benchmark, overrides=[])
     p.epilog = "Fine-tuning settings apply to every run as key=value, e.g. trainer.max_steps=1000."
 
     p = sub.add_parser("demo", help="the main job on the built-in synthetic corpus: no downloads, no GPU")
     p.add_argument("--out", type=Path, default=Path("runs/demo"), help="folder for everything it writes")
-    _config_args(p)
-    p.epilog = ("--config names the pre-training config (default mpma-tiny); key=value overrides it, and "
-                "finetune.key=value overrides every fine-tuning run, e.g. finetune.trainer.max_steps=400.")
+    p.add_argument("--fresh", action="store_true", help="first remove what an earlier demo wrote to --out "
+                                                          "(default: reuse its corpus and finished stages)")
+    _config_args(p, "trainer.max_steps=200")
+    p.epilog = ("--config names the pre-training config (default mpma-tiny); key=value overrides it, e.g. "
+                "trainer.max_steps=200, and finetune.key=value overrides every fine-tuning run, e.g. "
+                "finetune.trainer.max_steps=400. Run it again to continue: a complete corpus and finished stages "
+                "are reused, an interrupted one resumed; --fresh starts over.")
     p.set_defaults(run=cmd_demo)
     return parser
 

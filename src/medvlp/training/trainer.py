@@ -4,7 +4,6 @@ strategy, loggers (CSV + TensorBoard under ``run_dir/logs``), safetensors checkp
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
@@ -12,25 +11,9 @@ import torch
 
 from medvlp.log import quiet_lightning
 from medvlp.training.checkpoint import SafeCheckpointIO
+from medvlp.training.config import TrainerConfig
 
-
-@dataclass
-class TrainerConfig:
-    max_steps: int = 500
-    accumulate: int = 1
-    precision: str = "auto"  # bf16-mixed where bf16 matrix work is fast (GPU, CPU with AMX), else 32-true
-    accelerator: str = "auto"
-    devices: str = "auto"
-    strategy: str = "auto"  # "ddp", "fsdp", ... from Lightning
-    num_nodes: int = 1
-    seed: int = 0
-    val_every: int = 100  # steps between validations
-    val_batches: int = 4  # pre-training validates on this many batches; fine-tuning on the whole split
-    checkpoint_every: int = 100
-    keep_checkpoints: int = 2
-    log_every: int = 10
-    pictures: int = 4  # held-out samples in each pre-training validation picture
-    progress_bar: bool = True
+__all__ = ["TrainerConfig", "build_trainer", "resolve_precision"]
 
 
 def build_trainer(run_dir: Path, t: TrainerConfig, *, grad_clip: float, callbacks: Sequence[L.Callback],
