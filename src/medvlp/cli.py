@@ -136,23 +136,49 @@ def print_metrics(metrics: dict, title: str) -> None:
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
+    check_predict_args(args)  # every argument, before torch and the model load
     from medvlp import predict
 
     model = predict.load(args.run_dir, window=args.window, frame=args.frame)
     if args.question is not None:
-        results = model.answer(_one_image(args), args.question, k=args.top)
+        results = model.answer(args.image, args.question, k=args.top)
     elif args.text is not None:
-        results = model.classify(_one_image(args), args.text, k=args.top)
-    elif args.query is not None:
-        if args.images is None:
-            raise MedvlpError("--query ranks the images of a folder: give it with --images DIR")
-        results = [(str(path), score) for path, score in
-                   model.rank(predict.images_in(args.images), args.query)[:args.top]]
+        results = model.classify(args.image, args.text, k=args.top)
     else:
-        raise MedvlpError("say what to predict: --question TEXT (VQA), --text TEXT (classification) or "
-                          "--query TEXT with --images DIR (ranking)")
+        ranking = model.rank(predict.images_in(args.images), args.query, rerank=args.rerank)
+        print(f"scores: {ranking.score}")
+        results = [(str(path), score) for path, score in ranking[:args.top]]
+        for path, reason in ranking.skipped:
+            print(f"medvlp predict: skipped {reason}", file=sys.stderr)
     for name, score in results:
         print(f"{score:8.4f}  {name}")
+
+
+def check_predict_args(args: argparse.Namespace) -> None:
+    """One line for a missing or contradictory argument of ``predict`` (no model is loaded yet)."""
+    modes = [flag for flag in ("question", "text", "query") if getattr(args, flag) is not None]
+    if not modes:
+        raise MedvlpError("say what to predict: --question TEXT (VQA), --text TEXT (classification) or "
+                          "--query TEXT with --images DIR (ranking)")
+    if len(modes) > 1:
+        raise MedvlpError(f"give one of --question, --text and --query, not {' and '.join('--' + m for m in modes)}")
+    if not args.run_dir.is_dir():
+        raise MedvlpError(f"{args.run_dir}: no such run folder")
+    if modes[0] == "query":
+        if args.images is None:
+            raise MedvlpError("--query ranks the images of a folder: give it with --images DIR")
+        if not args.images.is_dir():
+            raise MedvlpError(f"--images {args.images}: no such folder")
+    elif args.image is None:
+        raise MedvlpError(f"--{modes[0]} needs the image: give it with --image FILE")
+    elif not args.image.is_file():
+        raise MedvlpError(f"--image {args.image}: no such file")
+    if args.top < 1 or (args.rerank is not None and args.rerank < 1):
+        raise MedvlpError("--top and --rerank must be 1 or more")
+    if args.window is not None:
+        from medvlp.data.dicom import _window
+
+        _window(args.window)
 
 
 def _seeds(text: str) -> list[int]:
@@ -160,12 +186,6 @@ def _seeds(text: str) -> list[int]:
         return [int(seed) for seed in text.split(",")]
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r}: give seeds as integers separated by commas, e.g. 0,1") from None
-
-
-def _one_image(args: argparse.Namespace) -> Path:
-    if args.image is None:
-        raise MedvlpError("give the image with --image FILE")
-    return args.image
 
 
 def cmd_benchmark(args: argparse.Namespace) -> None:
@@ -255,14 +275,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_evaluate, overrides=[])
     p.epilog = "Retrieval evaluation settings can be overridden, e.g. retrieval.eval_mode=exhaustive."
 
-    p = sub.add_parser("predict", help="answer, classify or rank with a fine-tuned run")
-    p.add_argument("run_dir", metavar="RUN", type=Path, help="a folder written by `medvlp finetune`")
+    p = sub.add_parser("predict", help="answer, classify or rank with a trained run")
+    p.add_argument("run_dir", metavar="RUN", type=Path, help="a run folder: fine-tuned (answers, classifies, ranks) "
+                                                             "or pre-trained (ranks)")
     p.add_argument("--image", type=Path, help="the image (PNG, JPEG, DICOM, ...)")
     p.add_argument("--question", help="a question about the image (a VQA run)")
     p.add_argument("--text", help="the text paired with the image (a classification run)")
     p.add_argument("--query", help="a text to rank the images of --images by")
     p.add_argument("--images", type=Path, help="a folder of images to rank")
     p.add_argument("--top", type=int, default=5, help="how many results to print (default 5)")
+    p.add_argument("--rerank", type=int, metavar="K", help="ranking with a pre-trained run: re-rank the K best by "
+                                                           "embedding similarity with the ITM head")
     p.add_argument("--window", help="DICOM display window: a preset (lung, bone, brain, ...), minmax or "
                                     "CENTER,WIDTH (default: the file's own)")
     p.add_argument("--frame", type=int, help="DICOM frame of a multi-frame file (default: the middle one)")

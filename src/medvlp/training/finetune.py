@@ -159,10 +159,15 @@ def initial_model(config: FinetuneConfig, classes: Sequence[str], texts) -> tupl
     return model.train(), tokenizer
 
 
+def is_finetuned(path: Path) -> bool:
+    """Whether ``path`` is a fine-tuned run folder (its best weights beside its config)."""
+    return (path / WEIGHTS).is_file() and (path / "config.yaml").is_file()
+
+
 def load_any(path: Path | str) -> tuple[MedVLP, Any, list[str], str | None]:
     """A pre-training run or a fine-tuned run: (model in eval mode, tokenizer, classes, task or None)."""
     path = Path(path)
-    if (path / WEIGHTS).is_file() and (path / "config.yaml").is_file():
+    if is_finetuned(path):
         config, model, tokenizer = load_finetuned(path)
         return model, tokenizer, config.classes, config.task
     from medvlp.training.pretrain import load_run
