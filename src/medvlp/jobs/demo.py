@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from medvlp.config import to_dict
 from medvlp.errors import MedvlpError
 from medvlp.evaluation.benchmark import plan
 from medvlp.training.config import PretrainConfig, load_pretrain_config
@@ -47,7 +48,8 @@ def plan_demo(out: Path | str, config: Path | str | None, overrides: Sequence[st
     finetune_overrides = [o.removeprefix("finetune.") for o in overrides if o.startswith("finetune.")]
     pretrain = load_pretrain_config(config, [f"run_dir={out / 'pretrain'}", f"data.synthetic_dir={out / 'data'}",
                                              *pretrain_overrides])
-    finetune = [f"synthetic_dir={out / 'data'}", *DEMO_FINETUNE, *finetune_overrides]
+    corpus = json.dumps(to_dict(pretrain.data.synthetic))  # fine-tuning reads the corpus pre-training made
+    finetune = [f"synthetic_dir={out / 'data'}", f"synthetic={corpus}", *DEMO_FINETUNE, *finetune_overrides]
     plan(None, out / "benchmark", overrides=finetune)  # checks every run's config (the init exists later)
     settings = {"config": str(config) if config else None, "overrides": list(overrides)}
     return DemoPlan(out, settings, pretrain, finetune)

@@ -21,6 +21,7 @@ import gc
 import json
 import logging
 import random
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -277,9 +278,16 @@ def evaluation_split(root: Path, split: str | None = None) -> str:
 
 
 def finetune(config: FinetuneConfig, callbacks: Sequence[L.Callback] = ()) -> Path:
-    """Fine-tune as configured; returns the run folder (config, tokenizer, best weights, metrics, logs)."""
+    """Fine-tune as configured; returns the run folder (config, tokenizer, best weights, metrics, logs). A run
+    that fails before its first weights are written leaves no folder behind when this call created it."""
+    run_dir = Path(config.run_dir)
+    created = not run_dir.exists()
     try:
         return _finetune(config, callbacks)
+    except BaseException:
+        if created and run_dir.is_dir() and not (run_dir / WEIGHTS).exists():
+            shutil.rmtree(run_dir)  # only what this call wrote: a config, a tokenizer, empty logs
+        raise
     finally:
         collect_loaders()
 

@@ -336,12 +336,14 @@ def export_encoders(run: Path | str, out: Path | str) -> dict[str, Path]:
     ``config.json`` and ``model.safetensors``; the tokenizer's files), ``out/vision``, ``out/text`` and
     ``out/tokenizer``, so that another run starts from them through the same code as from published weights:
     ``model.vision.pretrained=out/vision model.text.pretrained=out/text data.tokenizer=out/tokenizer``."""
-    _, model, tokenizer = load_run(run)
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise MedvlpError(f"{out} is a file; export into a new folder")
     paths = {"vision": out / "vision", "text": out / "text", "tokenizer": out / "tokenizer"}
     taken = [str(p) for p in paths.values() if p.exists()]
     if taken:
         raise MedvlpError(f"{taken[0]} already exists; export into another folder")
+    _, model, tokenizer = load_run(run)
     model.vision.model.save_pretrained(paths["vision"])
     model.text.model.save_pretrained(paths["text"])
     tokenizer.save_pretrained(str(paths["tokenizer"]))

@@ -12,6 +12,7 @@ import torch
 from medvlp.log import quiet_lightning
 from medvlp.training.checkpoint import SafeCheckpointIO
 from medvlp.training.config import TrainerConfig
+from medvlp.training.progress import StepProgressBar
 
 __all__ = ["TrainerConfig", "build_trainer", "resolve_precision"]
 
@@ -33,7 +34,8 @@ def build_trainer(run_dir: Path, t: TrainerConfig, *, grad_clip: float, callback
         val_check_interval=t.val_every * t.accumulate if validate else None, check_val_every_n_epoch=None,
         limit_val_batches=None if validate else 0, num_sanity_val_steps=0,
         log_every_n_steps=min(t.log_every, t.max_steps), logger=loggers, enable_checkpointing=False,
-        callbacks=list(callbacks), plugins=[SafeCheckpointIO()], use_distributed_sampler=False,
+        callbacks=[*callbacks, *([StepProgressBar()] if t.progress_bar else [])], plugins=[SafeCheckpointIO()],
+        use_distributed_sampler=False,
         enable_progress_bar=t.progress_bar, enable_model_summary=False,
     )
 
