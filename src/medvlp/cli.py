@@ -116,16 +116,17 @@ def cmd_finetune(args: argparse.Namespace) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
-    from medvlp.config import parse_override
+    from medvlp.training.config import RetrievalConfig
+
+    keys = [text.partition("=")[0].strip() for text in args.overrides]
+    other = next((key for key in keys if not key.startswith("retrieval.")), None)
+    if other is not None:
+        raise MedvlpError(f"evaluate takes retrieval.* settings only (e.g. retrieval.eval_mode=exhaustive), "
+                          f"not {other}")
+    retrieval = load_config(RetrievalConfig, None, [text.removeprefix("retrieval.") for text in args.overrides])
+    overrides = {key: getattr(retrieval, key) for key in (k.removeprefix("retrieval.") for k in keys)}
     from medvlp.training.finetune import evaluate_run
 
-    overrides: dict = {}
-    for text in args.overrides:
-        key, value = next(iter(parse_override(text).items()))
-        if not key.startswith("retrieval."):
-            raise MedvlpError(f"evaluate takes retrieval.* settings only (e.g. retrieval.eval_mode=exhaustive), "
-                              f"not {key}")
-        overrides[key.removeprefix("retrieval.")] = value
     print_metrics(evaluate_run(args.run_dir, args.data, args.split, overrides), str(args.run_dir))
 
 
