@@ -67,6 +67,7 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
+    need_folder(args.run_dir, "RUN")
     if args.out.exists() and not args.out.is_dir():
         raise MedvlpError(f"--out {args.out} is a file; give a new folder for vision/, text/ and tokenizer/")
     from medvlp.training.pretrain import export_encoders
@@ -124,6 +125,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         raise MedvlpError(f"evaluate takes retrieval.* settings only (e.g. retrieval.eval_mode=exhaustive), "
                           f"not {other}")
     retrieval = load_config(RetrievalConfig, None, [text.removeprefix("retrieval.") for text in args.overrides])
+    need_folder(args.run_dir, "RUN")
     overrides = {key: getattr(retrieval, key) for key in (k.removeprefix("retrieval.") for k in keys)}
     from medvlp.training.finetune import evaluate_run
 
@@ -163,13 +165,11 @@ def check_predict_args(args: argparse.Namespace) -> None:
                           "--query TEXT with --images DIR (ranking)")
     if len(modes) > 1:
         raise MedvlpError(f"give one of --question, --text and --query, not {' and '.join('--' + m for m in modes)}")
-    if not args.run_dir.is_dir():
-        raise MedvlpError(f"{args.run_dir}: no such run folder")
+    need_folder(args.run_dir, "RUN")
     if modes[0] == "query":
         if args.images is None:
             raise MedvlpError("--query ranks the images of a folder: give it with --images DIR")
-        if not args.images.is_dir():
-            raise MedvlpError(f"--images {args.images}: no such folder")
+        need_folder(args.images, "--images")
     elif args.image is None:
         raise MedvlpError(f"--{modes[0]} needs the image: give it with --image FILE")
     elif not args.image.is_file():
@@ -205,6 +205,7 @@ def cmd_benchmark(args: argparse.Namespace) -> None:
 
 
 def cmd_zeroshot(args: argparse.Namespace) -> None:
+    need_folder(args.run_dir, "RUN")
     from medvlp.training.pretrain import zero_shot
 
     print_retrieval(zero_shot(args.run_dir, args.data, args.split), f"zero-shot retrieval, split {args.split}")
@@ -216,6 +217,12 @@ def print_retrieval(metrics: dict[str, float], title: str) -> None:
     for prefix, direction in (("i2t_r", "image-to-text"), ("t2i_r", "text-to-image")):
         ranks = ", ".join(f"R@{k.removeprefix(prefix)} {v:.1f}%" for k, v in metrics.items() if k.startswith(prefix))
         print(f"  {direction}: {ranks}")
+
+
+def need_folder(path: Path, what: str) -> None:
+    """One line for a folder argument that names no folder (checked before anything is loaded)."""
+    if not path.is_dir():
+        raise MedvlpError(f"{path}: no such run folder" if what == "RUN" else f"{what} {path}: no such folder")
 
 
 def config_path(name: Path | None) -> Path | None:

@@ -164,3 +164,23 @@ def test_step_based_runs_show_steps_with_time_left(tmp_path, capfd):
         "trainer.val_every=3", "batch_size=8", "num_workers=0", "vocab_size=300"]))
     bar = capfd.readouterr().out.replace("\r", "\n")
     assert "step 3/3 |" in bar and "step/s" in bar and "<00:00" in bar and "Epoch" not in bar
+
+
+def test_a_demo_folder_of_an_earlier_version_is_cleared_only_with_fresh(tmp_path):
+    out = tmp_path / "demo"
+    (out / "pretrain").mkdir(parents=True)
+    (out / "pretrain" / "config.yaml").write_text("run_dir: x\n")
+    (out / "data").mkdir()
+    demo = plan_demo(out, None, SMALL)
+    with pytest.raises(MedvlpError, match="a demo of an earlier medvlp .no medvlp-demo.json.; add --fresh"):
+        claim(demo, fresh=False)
+    claim(demo, fresh=True)
+    assert [p.name for p in out.iterdir()] == [MARKER]
+
+
+def test_the_demo_validates_often_enough_for_curves_with_a_shape(tmp_path):
+    from medvlp.evaluation.benchmark import plan
+
+    demo = plan_demo(tmp_path / "demo", None, [])
+    for run in plan(None, tmp_path / "demo" / "benchmark", overrides=demo.finetune):
+        assert run.config.trainer.max_steps // run.config.trainer.val_every >= 3, run.name

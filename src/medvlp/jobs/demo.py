@@ -62,14 +62,17 @@ def claim(demo: DemoPlan, fresh: bool) -> None:
     if out.exists() and not out.is_dir():
         raise MedvlpError(f"--out {out} is a file; give a folder")
     if out.is_dir() and any(out.iterdir()):
-        if not marker.is_file():
+        if not marker.is_file() and not earlier_demo(out):
             raise MedvlpError(f"{out} holds files that `medvlp demo` did not write (no {MARKER}); nothing was "
                               "deleted: give another --out")
+        if not marker.is_file() and not fresh:
+            raise MedvlpError(f"{out} holds a demo of an earlier medvlp (no {MARKER}); add --fresh to start over "
+                              "there, or give another --out")
         if fresh:
             for part in PARTS:
                 if (out / part).is_dir():
                     shutil.rmtree(out / part)
-            marker.unlink()
+            marker.unlink(missing_ok=True)
         else:
             before = json.loads(marker.read_text())
             if before != demo.settings:
@@ -78,6 +81,12 @@ def claim(demo: DemoPlan, fresh: bool) -> None:
                                   "over, or give another --out")
     out.mkdir(parents=True, exist_ok=True)
     marker.write_text(json.dumps(demo.settings, indent=1) + "\n")
+
+
+def earlier_demo(out: Path) -> bool:
+    """Whether ``out`` is the folder of a demo from before the marker file: only the demo's parts, and its
+    pre-training run's config among them."""
+    return {p.name for p in out.iterdir()} <= set(PARTS) and (out / "pretrain" / "config.yaml").is_file()
 
 
 def describe(settings: dict) -> str:

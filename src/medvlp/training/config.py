@@ -199,7 +199,7 @@ class FinetuneConfig:
 
     def validate(self) -> None:
         if self.task not in TASK_NAMES:
-            raise ConfigError(f"task={self.task!r}: unknown task; known: {', '.join(TASK_NAMES)}")
+            raise ConfigError(f"unknown task {self.task!r}; known: {', '.join(TASK_NAMES)}")
         self.optim.validate()
         t = self.trainer
         if t.max_steps <= 0 or t.accumulate <= 0 or self.batch_size <= 0 or t.val_every <= 0:
