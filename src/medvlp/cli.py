@@ -84,7 +84,8 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
     from medvlp.jobs.demo import plan_demo, run_demo
 
-    demo = plan_demo(args.out, config_path(args.config or Path("mpma-tiny")), args.overrides)
+    name = args.config or Path("mpma-tiny")
+    demo = plan_demo(args.out, config_path(name), args.overrides, label=str(name))
     run_dir, report = run_demo(demo, fresh=args.fresh, say=lambda line: print(line, flush=True))
     metrics = json.loads((run_dir / "metrics.json").read_text())
     print("held-out (synthetic val): " + ", ".join(f"{k.removeprefix('val/')} {v:.3f}" for k, v in metrics.items()

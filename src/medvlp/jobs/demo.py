@@ -40,9 +40,11 @@ class DemoPlan:
     finetune: list[str]
 
 
-def plan_demo(out: Path | str, config: Path | str | None, overrides: Sequence[str]) -> DemoPlan:
+def plan_demo(out: Path | str, config: Path | str | None, overrides: Sequence[str],
+              label: str | None = None) -> DemoPlan:
     """Read and check every config of the job (pre-training, and each fine-tuning run) without importing torch.
-    ``overrides`` apply to pre-training; those prefixed ``finetune.`` to every fine-tuning run."""
+    ``overrides`` apply to pre-training; those prefixed ``finetune.`` to every fine-tuning run. ``label`` is
+    the config as the user named it (recorded in the marker; default: ``config``)."""
     out = Path(out)
     pretrain_overrides = [o for o in overrides if not o.startswith("finetune.")]
     finetune_overrides = [o.removeprefix("finetune.") for o in overrides if o.startswith("finetune.")]
@@ -51,7 +53,7 @@ def plan_demo(out: Path | str, config: Path | str | None, overrides: Sequence[st
     corpus = json.dumps(to_dict(pretrain.data.synthetic))  # fine-tuning reads the corpus pre-training made
     finetune = [f"synthetic_dir={out / 'data'}", f"synthetic={corpus}", *DEMO_FINETUNE, *finetune_overrides]
     plan(None, out / "benchmark", overrides=finetune)  # checks every run's config (the init exists later)
-    settings = {"config": str(config) if config else None, "overrides": list(overrides)}
+    settings = {"config": label or (str(config) if config else None), "overrides": list(overrides)}
     return DemoPlan(out, settings, pretrain, finetune)
 
 
