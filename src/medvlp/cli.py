@@ -49,7 +49,6 @@ def cmd_synth(args: argparse.Namespace) -> None:
     config = load_config(SynthConfig, config_path(args.config), args.overrides)
     from medvlp.data.synthetic import generate
 
-
     manifests = generate(args.out, config)
     for family, manifest in manifests.items():
         splits = ", ".join(f"{name} {entry['rows']:,}" for name, entry in manifest["splits"].items())
