@@ -1,3 +1,30 @@
-"""medvlp: medical vision-and-language pre-training (M3AE, MPMA) and its benchmark."""
+"""medvlp: medical vision-and-language pre-training (M3AE, MPMA) and its benchmark.
+
+Use a trained run from Python (see docs/python-api.md)::
+
+    import medvlp
+    model = medvlp.load("runs/demo/benchmark/vqa/pre-trained-seed0")  # fine-tuned, pre-trained or exported
+    model.answer("scan.png", "Is there a lesion?")
+
+``import medvlp`` is light: torch and the model are imported when ``load`` is called.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+__all__ = ["load", "__version__"]
+
+if TYPE_CHECKING:
+    from medvlp.predict import Predictor
+
+
+def load(run: Any, *, window: Any = None, frame: int | None = None) -> Predictor:
+    """A trained run folder, ready to ``answer``, ``classify``, ``rank``, ``embed_image`` and ``embed_text``:
+    fine-tuned (``medvlp finetune``), pre-trained (``medvlp pretrain``, or a ``checkpoints/step-*`` of one) or
+    exported (``medvlp export``). ``window`` (a preset such as ``"lung"``, ``"minmax"`` or ``(center, width)``)
+    and ``frame`` apply to DICOM images. See ``medvlp.predict``."""
+    from medvlp.predict import load as load_run
+
+    return load_run(run, window=window, frame=frame)

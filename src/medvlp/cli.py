@@ -1,7 +1,8 @@
 """The ``medvlp`` command: one subcommand per stage, one YAML config per run, ``key=value`` overrides.
 
 A user's mistake (bad data, bad config, missing path) ends the command with one line on stderr and status 2,
-never a traceback.
+never a traceback. Every command reads and checks its config and arguments before it imports torch or loads a
+model, so such a line comes in a fraction of a second.
 """
 
 from __future__ import annotations
@@ -17,10 +18,10 @@ from medvlp.errors import MedvlpError
 from medvlp.log import setup as setup_logging
 
 
-def _config_args(parser: argparse.ArgumentParser) -> None:
+def _config_args(parser: argparse.ArgumentParser, examples: str) -> None:
     parser.add_argument("--config", type=Path, help="YAML config file (defaults are used for what it leaves out)")
     parser.set_defaults(overrides=[])
-    parser.epilog = "Any config value can be overridden as key=value, e.g. val_fraction=0.1 or model.size=base."
+    parser.epilog = f"Any config value can be overridden as key=value, e.g. {examples}."
 
 
 def cmd_datasets(args: argparse.Namespace) -> None:
@@ -43,9 +44,11 @@ def cmd_prepare(args: argparse.Namespace) -> None:
 
 
 def cmd_synth(args: argparse.Namespace) -> None:
-    from medvlp.data.synthetic import SynthConfig, generate
+    from medvlp.data.synth_config import SynthConfig
 
     config = load_config(SynthConfig, config_path(args.config), args.overrides)
+    from medvlp.data.synthetic import generate
+
     manifests = generate(args.out, config)
     for family, manifest in manifests.items():
         splits = ", ".join(f"{name} {entry['rows']:,}" for name, entry in manifest["splits"].items())
@@ -53,14 +56,19 @@ def cmd_synth(args: argparse.Namespace) -> None:
 
 
 def cmd_pretrain(args: argparse.Namespace) -> None:
-    from medvlp.training.pretrain import load_pretrain_config, pretrain
+    from medvlp.training.config import load_pretrain_config
 
     config = load_pretrain_config(config_path(args.config), args.overrides)
+    from medvlp.training.pretrain import pretrain
+
     run_dir = pretrain(config, resume=args.resume)
     print(f"run folder: {run_dir} (checkpoints/, logs/, pictures/, config.yaml)")
 
 
 def cmd_export(args: argparse.Namespace) -> None:
+    need_folder(args.run_dir, "RUN")
+    if args.out.exists() and not args.out.is_dir():
+        raise MedvlpError(f"--out {args.out} is a file; give a new folder for vision/, text/ and tokenizer/")
     from medvlp.training.pretrain import export_encoders
 
     paths = export_encoders(args.run_dir, args.out)
@@ -70,45 +78,38 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    """Synthesise -> pre-train -> fine-tune every task, pre-trained and from scratch -> report."""
+    """Synthesise -> pre-train -> fine-tune every task, pre-trained and from scratch -> report; rerunnable."""
     import json
 
-    from medvlp.evaluation.benchmark import benchmark
-    from medvlp.training.pretrain import load_pretrain_config, pretrain, zero_shot
+    from medvlp.jobs.demo import plan_demo, run_demo
 
-    pretrain_overrides = [o for o in args.overrides if not o.startswith("finetune.")]
-    finetune_overrides = [o.removeprefix("finetune.") for o in args.overrides if o.startswith("finetune.")]
-    overrides = [f"run_dir={args.out / 'pretrain'}", f"data.synthetic_dir={args.out / 'data'}", *pretrain_overrides]
-    config = load_pretrain_config(config_path(args.config or Path("mpma-tiny")), overrides)
-    print("[1/2] pre-training", flush=True)
-    run_dir = pretrain(config)
+    name = args.config or Path("mpma-tiny")
+    demo = plan_demo(args.out, config_path(name), args.overrides, label=str(name))
+    run_dir, report = run_demo(demo, fresh=args.fresh, say=lambda line: print(line, flush=True))
     metrics = json.loads((run_dir / "metrics.json").read_text())
     print("held-out (synthetic val): " + ", ".join(f"{k.removeprefix('val/')} {v:.3f}" for k, v in metrics.items()
                                                     if k.endswith(("_acc", "_loss")) and "/" in k))
-    if config.tasks.itc:
+    if demo.pretrain.tasks.itc:
+        from medvlp.training.pretrain import zero_shot
+
         print_retrieval(zero_shot(run_dir), "zero-shot retrieval on the synthetic test pairs")
-    print("[2/2] fine-tuning vqa, classification and retrieval, pre-trained and from scratch", flush=True)
-    report = benchmark(str(run_dir), args.out / "benchmark", overrides=[
-        f"synthetic_dir={args.out / 'data'}", *DEMO_FINETUNE,
-        *finetune_overrides])
     print(report.read_text())
     print(f"pre-training run: {run_dir}\nreport: {report} (and report.json, curves.png beside it)")
-
-
-# Fine-tuning in the demo, short enough for the six runs to fit the demo's 15 minutes on 2 CPU cores: retrieval
-# fuses every negative pair, so it runs fewer steps, one hard negative each way and re-ranks 8 candidates.
-DEMO_FINETUNE = ["trainer.max_steps=120", "trainer.val_every=60", "retrieval:trainer.max_steps=60",
-                 "retrieval:retrieval.negatives=1", "retrieval:retrieval.rerank_k=8"]
 
 
 def cmd_finetune(args: argparse.Namespace) -> None:
     import json
 
-    from medvlp.training.finetune import finetune, load_finetune_config
+    from medvlp.training.config import load_finetune_config
 
     flags = [f"{key}={value}" for key, value in (("task", args.task), ("data", args.data), ("init", args.init))
              if value is not None]
     config = load_finetune_config(config_path(args.config), [*flags, *args.overrides])
+    for flag in ("init", "data"):
+        if getattr(config, flag) is not None and not Path(getattr(config, flag)).exists():
+            raise MedvlpError(f"--{flag} {getattr(config, flag)}: no such folder")
+    from medvlp.training.finetune import finetune
+
     run_dir = finetune(config)
     metrics = json.loads((run_dir / "metrics.json").read_text())
     print_metrics(metrics, f"{config.task}, best validation step {metrics['best_step']}")
@@ -116,16 +117,18 @@ def cmd_finetune(args: argparse.Namespace) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
-    from medvlp.config import parse_override
+    from medvlp.training.config import RetrievalConfig
+
+    keys = [text.partition("=")[0].strip() for text in args.overrides]
+    other = next((key for key in keys if not key.startswith("retrieval.")), None)
+    if other is not None:
+        raise MedvlpError(f"evaluate takes retrieval.* settings only (e.g. retrieval.eval_mode=exhaustive), "
+                          f"not {other}")
+    retrieval = load_config(RetrievalConfig, None, [text.removeprefix("retrieval.") for text in args.overrides])
+    need_folder(args.run_dir, "RUN")
+    overrides = {key: getattr(retrieval, key) for key in (k.removeprefix("retrieval.") for k in keys)}
     from medvlp.training.finetune import evaluate_run
 
-    overrides: dict = {}
-    for text in args.overrides:
-        key, value = next(iter(parse_override(text).items()))
-        if not key.startswith("retrieval."):
-            raise MedvlpError(f"evaluate takes retrieval.* settings only (e.g. retrieval.eval_mode=exhaustive), "
-                              f"not {key}")
-        overrides[key.removeprefix("retrieval.")] = value
     print_metrics(evaluate_run(args.run_dir, args.data, args.split, overrides), str(args.run_dir))
 
 
@@ -136,21 +139,20 @@ def print_metrics(metrics: dict, title: str) -> None:
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
+    check_predict_args(args)  # every argument, before torch and the model load
     from medvlp import predict
 
     model = predict.load(args.run_dir, window=args.window, frame=args.frame)
     if args.question is not None:
-        results = model.answer(_one_image(args), args.question, k=args.top)
+        results = model.answer(args.image, args.question, k=args.top)
     elif args.text is not None:
-        results = model.classify(_one_image(args), args.text, k=args.top)
-    elif args.query is not None:
-        if args.images is None:
-            raise MedvlpError("--query ranks the images of a folder: give it with --images DIR")
-        results = [(str(path), score) for path, score in
-                   model.rank(predict.images_in(args.images), args.query)[:args.top]]
+        results = model.classify(args.image, args.text, k=args.top)
     else:
-        raise MedvlpError("say what to predict: --question TEXT (VQA), --text TEXT (classification) or "
-                          "--query TEXT with --images DIR (ranking)")
+        ranking = model.rank(predict.images_in(args.images), args.query, rerank=args.rerank)
+        print(f"scores: {ranking.score}")
+        results = [(str(path), score) for path, score in ranking[:args.top]]
+        for path, reason in ranking.skipped:
+            print(f"medvlp predict: skipped {reason}", file=sys.stderr)
     for name, score in results:
         print(f"{score:8.4f}  {name}")
 
@@ -164,17 +166,23 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 def cmd_explain(args: argparse.Namespace) -> None:
     from medvlp import predict
-    from medvlp.explain import decode, explain, overlay
 
-    model = predict.load(args.run_dir, window=args.window, frame=args.frame)
     text = args.question if args.question is not None else args.text
     if text is None:
         raise MedvlpError("give the question with --question TEXT (VQA) or the text with --text TEXT (classification)")
+    if args.image is None:
+        raise MedvlpError("give the image with --image FILE")
+    if not args.image.is_file():
+        raise MedvlpError(f"--image {args.image}: no such file")
     if args.out.suffix.lower() != ".png":
         raise MedvlpError(f"--out {args.out}: the heat-map is written as PNG; name a .png file")
     if args.out.exists():
         raise MedvlpError(f"--out {args.out} exists; medvlp does not overwrite it: name a new file")
-    image = decode(model, _one_image(args))
+    need_folder(args.run_dir, "RUN")
+    from medvlp.explain import decode, explain, overlay
+
+    model = predict.load(args.run_dir, window=args.window, frame=args.frame)
+    image = decode(model, args.image)
     result = explain(model, image, text, method=args.method, target=args.answer, k=args.top)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     overlay(image, result.heatmap()).save(args.out)
@@ -194,17 +202,36 @@ def cmd_convert(args: argparse.Namespace) -> None:
     print(f"run folder: {run} ({kind}; config.yaml, weights, converted.json)")
 
 
+def check_predict_args(args: argparse.Namespace) -> None:
+    """One line for a missing or contradictory argument of ``predict`` (no model is loaded yet)."""
+    modes = [flag for flag in ("question", "text", "query") if getattr(args, flag) is not None]
+    if not modes:
+        raise MedvlpError("say what to predict: --question TEXT (VQA), --text TEXT (classification) or "
+                          "--query TEXT with --images DIR (ranking)")
+    if len(modes) > 1:
+        raise MedvlpError(f"give one of --question, --text and --query, not {' and '.join('--' + m for m in modes)}")
+    need_folder(args.run_dir, "RUN")
+    if modes[0] == "query":
+        if args.images is None:
+            raise MedvlpError("--query ranks the images of a folder: give it with --images DIR")
+        need_folder(args.images, "--images")
+    elif args.image is None:
+        raise MedvlpError(f"--{modes[0]} needs the image: give it with --image FILE")
+    elif not args.image.is_file():
+        raise MedvlpError(f"--image {args.image}: no such file")
+    if args.top < 1 or (args.rerank is not None and args.rerank < 1):
+        raise MedvlpError("--top and --rerank must be 1 or more")
+    if args.window is not None:
+        from medvlp.data.dicom import _window
+
+        _window(args.window)
+
+
 def _seeds(text: str) -> list[int]:
     try:
         return [int(seed) for seed in text.split(",")]
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r}: give seeds as integers separated by commas, e.g. 0,1") from None
-
-
-def _one_image(args: argparse.Namespace) -> Path:
-    if args.image is None:
-        raise MedvlpError("give the image with --image FILE")
-    return args.image
 
 
 def cmd_benchmark(args: argparse.Namespace) -> None:
@@ -217,11 +244,13 @@ def cmd_benchmark(args: argparse.Namespace) -> None:
             raise MedvlpError(f"--data {item}: write it as TASK=DIR, e.g. --data vqa=prepared/vqa_rad")
         data[task] = folder
     report = benchmark(args.init, args.out, tasks=args.tasks.split(","), data=data, seeds=args.seeds,
-                       scratch=not args.no_scratch, overrides=args.overrides)
+                       scratch=not args.no_scratch, overrides=args.overrides, fresh=args.fresh,
+                       say=lambda line: print(line, flush=True))
     print(report.read_text())
 
 
 def cmd_zeroshot(args: argparse.Namespace) -> None:
+    need_folder(args.run_dir, "RUN")
     from medvlp.training.pretrain import zero_shot
 
     print_retrieval(zero_shot(args.run_dir, args.data, args.split), f"zero-shot retrieval, split {args.split}")
@@ -233,6 +262,12 @@ def print_retrieval(metrics: dict[str, float], title: str) -> None:
     for prefix, direction in (("i2t_r", "image-to-text"), ("t2i_r", "text-to-image")):
         ranks = ", ".join(f"R@{k.removeprefix(prefix)} {v:.1f}%" for k, v in metrics.items() if k.startswith(prefix))
         print(f"  {direction}: {ranks}")
+
+
+def need_folder(path: Path, what: str) -> None:
+    """One line for a folder argument that names no folder (checked before anything is loaded)."""
+    if not path.is_dir():
+        raise MedvlpError(f"{path}: no such run folder" if what == "RUN" else f"{what} {path}: no such folder")
 
 
 def config_path(name: Path | None) -> Path | None:
@@ -255,16 +290,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", help="dataset name (see `medvlp datasets`)")
     p.add_argument("--raw", type=Path, required=True, help="the dataset's folder as its publisher ships it")
     p.add_argument("--out", type=Path, required=True, help="where to write the prepared dataset")
-    _config_args(p)
+    _config_args(p, "val_fraction=0.1 or max_short_side=512")
     p.set_defaults(run=cmd_prepare)
 
     p = sub.add_parser("synth", help="write the built-in synthetic radiology corpus")
     p.add_argument("--out", type=Path, required=True, help="folder for the four prepared datasets")
-    _config_args(p)
+    _config_args(p, "image_size=64 or vqa_train=500")
     p.set_defaults(run=cmd_synth)
 
     p = sub.add_parser("pretrain", help="pre-train a model (M3AE or MPMA) on image-caption pairs")
-    _config_args(p)
+    _config_args(p, "model_size=base or trainer.max_steps=1000")
     p.add_argument("--resume", action="store_true", help="continue the run in run_dir from its last checkpoint")
     p.set_defaults(run=cmd_pretrain)
 
@@ -283,7 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", choices=("vqa", "classification", "retrieval"), help="the downstream task")
     p.add_argument("--data", help="a prepared dataset of the task (default: the synthetic corpus's)")
     p.add_argument("--init", help="a pre-training run to start from (default: from scratch)")
-    _config_args(p)
+    _config_args(p, "val_fraction=0.1 or trainer.max_steps=1000")
     p.set_defaults(run=cmd_finetune)
 
     p = sub.add_parser("evaluate", help="evaluate a fine-tuned run on a split")
@@ -294,15 +329,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_evaluate, overrides=[])
     p.epilog = "Retrieval evaluation settings can be overridden, e.g. retrieval.eval_mode=exhaustive."
 
-    p = sub.add_parser("predict", help="answer, classify or rank with a fine-tuned run")
-    p.add_argument("run_dir", metavar="RUN", type=Path,
-                   help="a folder written by `medvlp finetune` or `medvlp convert`")
+    p = sub.add_parser("predict", help="answer, classify or rank with a trained run")
+    p.add_argument("run_dir", metavar="RUN", type=Path, help="a run folder: fine-tuned or converted (answers, "
+                                                             "classifies, ranks) or pre-trained (ranks)")
     p.add_argument("--image", type=Path, help="the image (PNG, JPEG, DICOM, ...)")
     p.add_argument("--question", help="a question about the image (a VQA run)")
     p.add_argument("--text", help="the text paired with the image (a classification run)")
     p.add_argument("--query", help="a text to rank the images of --images by")
     p.add_argument("--images", type=Path, help="a folder of images to rank")
     p.add_argument("--top", type=int, default=5, help="how many results to print (default 5)")
+    p.add_argument("--rerank", type=int, metavar="K", help="ranking with a pre-trained run: re-rank the K best by "
+                                                           "embedding similarity with the ITM head")
     p.add_argument("--window", help="DICOM display window: a preset (lung, bone, brain, ...), minmax or "
                                     "CENTER,WIDTH (default: the file's own)")
     p.add_argument("--frame", type=int, help="DICOM frame of a multi-frame file (default: the middle one)")
@@ -360,14 +397,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a prepared dataset for a task (default: the synthetic corpus's); repeatable")
     p.add_argument("--seeds", type=_seeds, default=[0], help="comma-separated fine-tuning seeds (default 0)")
     p.add_argument("--no-scratch", action="store_true", help="skip the from-scratch baseline")
+    p.add_argument("--fresh", action="store_true", help="first remove what an earlier benchmark wrote to --out "
+                                                          "(default: reuse its finished runs)")
     p.set_defaults(run=cmd_benchmark, overrides=[])
     p.epilog = "Fine-tuning settings apply to every run as key=value, e.g. trainer.max_steps=1000."
 
     p = sub.add_parser("demo", help="the main job on the built-in synthetic corpus: no downloads, no GPU")
     p.add_argument("--out", type=Path, default=Path("runs/demo"), help="folder for everything it writes")
-    _config_args(p)
-    p.epilog = ("--config names the pre-training config (default mpma-tiny); key=value overrides it, and "
-                "finetune.key=value overrides every fine-tuning run, e.g. finetune.trainer.max_steps=400.")
+    p.add_argument("--fresh", action="store_true", help="first remove what an earlier demo wrote to --out "
+                                                          "(default: reuse its corpus and finished stages)")
+    _config_args(p, "trainer.max_steps=200")
+    p.epilog = ("--config names the pre-training config (default mpma-tiny); key=value overrides it, e.g. "
+                "trainer.max_steps=200, and finetune.key=value overrides every fine-tuning run, e.g. "
+                "finetune.trainer.max_steps=400. Run it again to continue: a complete corpus and finished stages "
+                "are reused, an interrupted one resumed; --fresh starts over.")
     p.set_defaults(run=cmd_demo)
     return parser
 

@@ -42,6 +42,20 @@ PRESETS: dict[str, tuple[float, float]] = {
 }
 
 
+# The decoders pydicom documents for compressed transfer syntaxes (JPEG baseline, extended and lossless,
+# JPEG-LS, JPEG 2000, RLE), installed by the ``dicom`` extra: ``pip install "medvlp[dicom]"``. Pillow, a core
+# dependency, decodes 8-bit JPEG baseline and JPEG 2000 without them.
+DECODER_MODULES = ("pylibjpeg", "libjpeg", "openjpeg", "rle")
+DECODERS_MISSING = "the decoders medvlp[dicom] installs are missing for"
+
+
+def decoders_missing() -> bool:
+    """Whether any of the compressed-DICOM decoders of the ``dicom`` extra is not installed."""
+    import importlib.util
+
+    return any(importlib.util.find_spec(name) is None for name in DECODER_MODULES)
+
+
 def is_dicom(data: bytes) -> bool:
     """Whether ``data`` is a DICOM file (Part 10: a 128-byte preamble, then ``DICM``)."""
     return data[MAGIC_OFFSET:MAGIC_OFFSET + 4] == MAGIC
@@ -110,7 +124,12 @@ def dicom_to_image(source: Path | str | bytes, window: Window = None, frame: int
     try:
         pixels = ds.pixel_array
     except Exception as e:  # pydicom raises several kinds for missing decoders and damaged data
-        text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
+        text = "; ".join(lines[:3]) if lines else type(e).__name__
+        syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+        if syntax is not None and syntax.is_compressed and ("missing dependencies" in text or decoders_missing()):
+            raise ImageError(f"DICOM pixel data cannot be decoded: {DECODERS_MISSING} {syntax.name} ({text})") \
+                from None
         raise ImageError(f"DICOM pixel data cannot be decoded ({text})") from None
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     samples = int(ds.get("SamplesPerPixel", 1) or 1)

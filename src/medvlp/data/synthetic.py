@@ -62,6 +62,7 @@ import functools
 import logging
 import math
 import struct
+import time
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -76,10 +77,8 @@ import numpy as np
 from medvlp.config import to_dict
 from medvlp.data.prepare import Example, PrepareConfig, write_prepared
 from medvlp.data.records import read_manifest
-from medvlp.errors import ConfigError, DataError
-
-FAMILIES = ("pretrain", "vqa", "classification", "retrieval")
-SPLITS = ("train", "val", "test")
+from medvlp.data.synth_config import FAMILIES, QUESTION_KINDS, SPLITS, SynthConfig
+from medvlp.errors import DataError
 
 MODALITIES = ("xray", "ct", "mri")
 REGIONS = ("head", "chest", "abdomen")
@@ -708,6 +707,7 @@ OPEN_QUESTIONS = {
 }
 CLOSED_KINDS = ("presence", "multiple", "bilateral", "side_check", "modality_check", "region_check",
                 "size_check", "brightness_check")
+assert len(OPEN_QUESTIONS) + len(CLOSED_KINDS) == QUESTION_KINDS  # SynthConfig.validate bounds it
 NEEDS_LESION = {"side", "size", "brightness", "shape", "margin", "bilateral", "size_check", "brightness_check"}
 TWO_WAY = {  # closed questions asked for a fact or against it: (the fact holds?, its opposite holds?)
     "presence": (("Is there a lesion?", "Is any lesion visible?", "Is there a focal abnormality?",
@@ -810,47 +810,6 @@ def request_note(facts: Facts, rng: np.random.Generator) -> str:
 
 
 # ========================================================================================== generation
-@dataclass
-class SynthConfig:
-    """The synthetic corpus: seed, stored image size and the number of images per dataset and split."""
-
-    seed: int = 0
-    image_size: int = 128
-    pretrain_train: int = 20_000
-    pretrain_val: int = 300
-    pretrain_test: int = 300
-    vqa_train: int = 2_000  # images; each gets ``questions_per_image`` questions
-    vqa_val: int = 200
-    vqa_test: int = 500
-    questions_per_image: int = 5
-    classification_train: int = 3_000
-    classification_val: int = 300
-    classification_test: int = 1_000
-    retrieval_train: int = 3_000
-    retrieval_val: int = 300
-    retrieval_test: int = 1_000
-    workers: int = 2  # processes drawing images; the output does not depend on it
-
-    def count(self, family: str, split: str) -> int:
-        return getattr(self, f"{family}_{split}")
-
-    def validate(self) -> None:
-        if self.seed < 0:
-            raise ConfigError(f"seed={self.seed}: must be 0 or more")
-        if not 32 <= self.image_size <= 1024:
-            raise ConfigError(f"image_size={self.image_size}: must be 32 to 1024 pixels")
-        for family in FAMILIES:
-            for split in SPLITS:
-                if self.count(family, split) < 1:
-                    raise ConfigError(f"{family}_{split}={self.count(family, split)}: must be at least 1 "
-                                      "(every dataset gets train, val and test)")
-        kinds = len(OPEN_QUESTIONS) + len(CLOSED_KINDS)
-        if not 1 <= self.questions_per_image <= kinds:
-            raise ConfigError(f"questions_per_image={self.questions_per_image}: must be 1 to {kinds}")
-        if self.workers < 1:
-            raise ConfigError(f"workers={self.workers}: must be 1 or more")
-
-
 EXTRA_FIELDS = {"pretrain": FACT_FIELDS, "vqa": (*FACT_FIELDS, "question_kind"),
                 "classification": FACT_FIELDS, "retrieval": FACT_FIELDS}
 CHUNK = 200  # images per task handed to a worker
@@ -892,12 +851,30 @@ def _chunk(task: tuple[str, str, int, int, int, int, int]) -> list[Example]:
     return [e for i in range(start, stop) for e in sample(family, split, i, seed, size, n_questions)]
 
 
-def generate(out: Path, config: SynthConfig, report: Callable[[str], None] | None = None) -> dict[str, dict]:
+def generate(out: Path, config: SynthConfig, report: Callable[[str], None] | None = None,
+             report_every: float = 5.0) -> dict[str, dict]:
     """Write the four datasets under ``out`` (``out/pretrain``, ``out/vqa``, ``out/classification``,
-    ``out/retrieval``); returns their manifests by dataset."""
+    ``out/retrieval``); returns their manifests by dataset. ``report`` receives a progress line (images drawn so
+    far) every ``report_every`` seconds, and one per dataset written."""
     config.validate()
     report = report or logging.getLogger("medvlp").info
     out = Path(out)
+    total = sum(config.count(family, split) for family in FAMILIES for split in SPLITS)
+    report(f"synthetic corpus: drawing {total:,} images into {out} with {config.workers} worker(s)")
+    begun = last = time.monotonic()
+    done = 0
+
+    def drawn(family_tasks: list, chunks: Iterator[list[Example]]) -> Iterator[Example]:
+        nonlocal done, last
+        for task, chunk in zip(family_tasks, chunks):
+            yield from chunk
+            done += task[3] - task[2]
+            now = time.monotonic()
+            if now - last >= report_every or done == total:
+                report(f"synthetic corpus: {done:,} of {total:,} images ({100 * done / total:.0f}%), "
+                       f"{now - begun:.0f} s")
+                last = now
+
     tasks = {family: [(family, split, start, min(start + CHUNK, config.count(family, split)), config.seed,
                        config.image_size, config.questions_per_image)
                       for split in SPLITS for start in range(0, config.count(family, split), CHUNK)]
@@ -911,7 +888,7 @@ def generate(out: Path, config: SynthConfig, report: Callable[[str], None] | Non
         results: Iterator[list[Example]] = pool.map(_chunk, every) if pool else map(_chunk, every)
         manifests = {}
         for family in FAMILIES:
-            items = (e for chunk in islice(results, len(tasks[family])) for e in chunk)
+            items = drawn(tasks[family], islice(results, len(tasks[family])))
             manifests[family] = write_prepared(
                 f"synthetic_{family}", family, items, out / family, PrepareConfig(seed=config.seed, max_short_side=0),
                 source={"generator": "medvlp.data.synthetic", "synth": settings},
@@ -924,13 +901,18 @@ def generate(out: Path, config: SynthConfig, report: Callable[[str], None] | Non
             pool.shutdown(cancel_futures=True)
 
 
-def ensure_corpus(out: Path, config: SynthConfig) -> Path:
-    """``out`` holding the corpus of ``config``: generated unless an identical one is already there."""
+def corpus_ready(out: Path, config: SynthConfig) -> bool:
+    """Whether ``out`` already holds the complete corpus of ``config`` (all four datasets written with its
+    settings)."""
     settings = {k: v for k, v in to_dict(config).items() if k != "workers"}
     try:
-        if all(read_manifest(out / family)["source"].get("synth") == settings for family in FAMILIES):
-            return out
+        return all(read_manifest(out / family)["source"].get("synth") == settings for family in FAMILIES)
     except DataError:
-        pass
-    generate(out, config)
+        return False
+
+
+def ensure_corpus(out: Path, config: SynthConfig) -> Path:
+    """``out`` holding the corpus of ``config``: generated unless an identical one is already there."""
+    if not corpus_ready(out, config):
+        generate(out, config)
     return out

@@ -24,7 +24,6 @@ from PIL import Image
 from torch.utils.data import get_worker_info
 
 from medvlp.data.images import to_standard_mode
-from medvlp.errors import ConfigError
 
 CLIP_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
 """Per-channel mean of CLIP's image normalisation (RGB, pixel values in [0, 1])."""
@@ -173,10 +172,3 @@ def worker_seed(seed: int) -> int:
     if info is None:
         return seed
     return (seed * 0x9E3779B97F4A7C15 + info.seed) % 2**63
-
-
-def check_crop_scale(scale: tuple[float, float], key: str) -> None:
-    """One line for a crop area range that is not ``0 < low <= high <= 1``."""
-    low, high = scale
-    if not 0 < low <= high <= 1:
-        raise ConfigError(f"{key} = [{low}, {high}]: need 0 < low <= high <= 1 (fractions of the area)")

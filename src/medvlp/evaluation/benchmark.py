@@ -1,6 +1,11 @@
 """The benchmark runner: fine-tune and evaluate every task from a pre-trained run and from scratch, then write
 one report (``report.md``, ``report.json`` and ``curves.png``) to the output folder.
 
+A benchmark folder can be run again: runs that finished are read, not repeated (after checking they were made
+with the same settings), a run that was interrupted starts over (fine-tuning keeps no mid-run checkpoint), and
+``fresh=True`` clears what an earlier benchmark wrote there (and nothing else) first. Every run's config is
+read and checked before the first one starts, without importing torch.
+
 Every run gets the same fine-tuning config (the defaults plus the caller's overrides) and the scratch runs use
 the pre-trained run's architecture and tokenizer, so the only difference between the rows of a table is the
 starting weights. Where a dataset is one a paper reports on, the paper's figures stand beside ours
@@ -13,16 +18,17 @@ import csv
 import json
 import logging
 import math
+import shutil
 import statistics
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from medvlp.data.records import read_manifest
+from medvlp.config import load_config, to_dict
 from medvlp.errors import MedvlpError
-from medvlp.evaluation.metrics import majority_answer_accuracy
-from medvlp.training.downstream import TASKS
-from medvlp.training.finetune import finetune, load_finetune_config
+from medvlp.training.config import TASK_NAMES as TASKS
+from medvlp.training.config import FinetuneConfig, load_finetune_config
 
 log = logging.getLogger(__name__)
 
@@ -43,14 +49,32 @@ PUBLISHED: dict[str, dict[str, dict[str, float]]] = {
 }
 
 
-def benchmark(init: str | None, out: Path | str, *, tasks: Sequence[str] = tuple(TASKS),
-              data: dict[str, str] | None = None, seeds: Sequence[int] = (0,), scratch: bool = True,
-              overrides: Sequence[str] = (), progress: bool = True) -> Path:
-    """Fine-tune ``init`` (and, with ``scratch``, a fresh model) on every task and seed; write the report and
-    return the path of ``report.md``. ``data`` maps a task to a prepared dataset (default: the synthetic
-    corpus's). ``overrides`` apply to every run, or with a ``TASK:`` prefix to one task's runs
-    (``retrieval:trainer.max_steps=100``). Runs already finished in ``out`` (from an interrupted benchmark) are
-    read, not repeated."""
+MARKER = "medvlp-benchmark.json"  # written first: marks the folder as a benchmark's, for ``fresh``
+OUTPUTS = ("report.md", "report.json", "curves.png")
+RUN_FILES = {"config.yaml", "tokenizer", "model.safetensors", "metrics.json", "logs"}  # what finetune writes
+
+
+@dataclass
+class Run:
+    """One fine-tuning run of a benchmark: where it goes and its checked config."""
+
+    task: str
+    start: str  # "pre-trained" | "scratch"
+    seed: int
+    run_dir: Path
+    settings: list[str]  # the overrides it is built from (scratch runs get the init's model at launch)
+    config: FinetuneConfig
+
+    @property
+    def name(self) -> str:
+        return f"{self.task}, {self.start}, seed {self.seed}"
+
+
+def plan(init: str | None, out: Path | str, *, tasks: Sequence[str] = TASKS, data: dict[str, str] | None = None,
+         seeds: Sequence[int] = (0,), scratch: bool = True, overrides: Sequence[str] = (),
+         progress: bool = True) -> list[Run]:
+    """Every run of a benchmark with its config read and checked (no torch, nothing written): a mistyped key
+    or a bad value is reported before the first run starts."""
     out, data = Path(out), dict(data or {})
     unknown = [t for t in (*tasks, *data) if t not in TASKS]
     if unknown:
@@ -58,29 +82,70 @@ def benchmark(init: str | None, out: Path | str, *, tasks: Sequence[str] = tuple
     starts = ([("pre-trained", init)] if init else []) + ([("scratch", None)] if scratch else [])
     if not starts:
         raise MedvlpError("nothing to benchmark: give a pre-trained run (--init) or keep the scratch baseline")
-    results: dict[str, Any] = {"init": init, "tasks": {}}
+    for path in ([init] if init else []) + list(data.values()):
+        if not Path(path).exists():
+            raise MedvlpError(f"{path}: no such folder")
+    runs = []
     for task in tasks:
-        runs = []
         for start, source in starts:
             for seed in seeds:
                 run_dir = out / task / f"{start}-seed{seed}"
-                if not (run_dir / "metrics.json").is_file():
-                    settings = [f"task={task}", f"run_dir={run_dir}", f"trainer.seed={seed}",
-                                f"trainer.progress_bar={str(progress).lower()}", *for_task(overrides, task)]
-                    if task in data:
-                        settings.append(f"data={data[task]}")
-                    if source:
-                        settings.append(f"init={source}")
-                    elif init:  # the pre-trained run's architecture and tokenizer: only the weights differ
-                        settings += scratch_like(init)
-                    log.info("benchmark: fine-tuning %s, %s, seed %d", task, start, seed)
-                    finetune(load_finetune_config(None, settings))
-                metrics = json.loads((run_dir / "metrics.json").read_text())
-                runs.append({"start": start, "seed": seed, "run_dir": str(run_dir), **metrics})
-        root = Path(runs[0]["data"])
-        results["tasks"][task] = {"dataset": read_manifest(root)["dataset"], "runs": runs}
-        if task == "vqa":
-            results["tasks"][task]["baseline"] = majority_baseline(root, runs[0]["split"])
+                settings = [f"task={task}", f"run_dir={run_dir}", f"trainer.seed={seed}",
+                            f"trainer.progress_bar={str(progress).lower()}", *for_task(overrides, task)]
+                if task in data:
+                    settings.append(f"data={data[task]}")
+                if source:
+                    settings.append(f"init={source}")
+                runs.append(Run(task, start, seed, run_dir, settings, load_finetune_config(None, settings)))
+    return runs
+
+
+def benchmark(init: str | None, out: Path | str, *, tasks: Sequence[str] = TASKS,
+              data: dict[str, str] | None = None, seeds: Sequence[int] = (0,), scratch: bool = True,
+              overrides: Sequence[str] = (), progress: bool = True, fresh: bool = False,
+              say: Callable[[str], None] | None = None) -> Path:
+    """Fine-tune ``init`` (and, with ``scratch``, a fresh model) on every task and seed; write the report and
+    return the path of ``report.md``. ``data`` maps a task to a prepared dataset (default: the synthetic
+    corpus's). ``overrides`` apply to every run, or with a ``TASK:`` prefix to one task's runs
+    (``retrieval:trainer.max_steps=100``). Runs already finished in ``out`` are read, not repeated; an
+    interrupted one starts over; ``fresh`` first removes what an earlier benchmark wrote to ``out``. ``say``
+    (default: the log) receives one line per run saying which it is."""
+    say = say or log.info
+    out = Path(out)
+    runs = plan(init, out, tasks=tasks, data=data, seeds=seeds, scratch=scratch, overrides=overrides,
+                progress=progress)
+    from medvlp.training.finetune import finetune  # once every config is checked: imports torch
+
+    if fresh:
+        clear(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER).write_text(json.dumps({"init": init, "tasks": list(tasks), "data": data or {},
+                                          "seeds": list(seeds), "scratch": scratch,
+                                          "overrides": list(overrides)}, indent=1) + "\n")
+    results: dict[str, Any] = {"init": init, "tasks": {}}
+    for run in runs:
+        state = run_state(run)
+        if state == "finished":
+            say(f"benchmark: {run.name}: finished earlier, reusing {run.run_dir}")
+        else:
+            if state == "interrupted":
+                say(f"benchmark: {run.name}: interrupted earlier, starting it again (fine-tuning keeps no "
+                    "mid-run checkpoint)")
+                shutil.rmtree(run.run_dir)
+            else:
+                say(f"benchmark: fine-tuning {run.name}")
+            settings = run.settings if run.start != "scratch" or not init else [*run.settings, *scratch_like(init)]
+            finetune(load_finetune_config(None, settings))
+        metrics = json.loads((run.run_dir / "metrics.json").read_text())
+        task = results["tasks"].setdefault(run.task, {"runs": []})
+        task["runs"].append({"start": run.start, "seed": run.seed, "run_dir": str(run.run_dir), **metrics})
+    from medvlp.data.records import read_manifest
+
+    for name, task in results["tasks"].items():
+        root = Path(task["runs"][0]["data"])
+        results["tasks"][name] = {"dataset": read_manifest(root)["dataset"], **task}
+        if name == "vqa":
+            results["tasks"][name]["baseline"] = majority_baseline(root, task["runs"][0]["split"])
     (out / "report.json").write_text(json.dumps(results, indent=1) + "\n")
     plot_curves(results, out / "curves.png")
     report = out / "report.md"
@@ -88,9 +153,72 @@ def benchmark(init: str | None, out: Path | str, *, tasks: Sequence[str] = tuple
     return report
 
 
+def run_state(run: Run) -> str:
+    """``new`` (no folder yet), ``finished`` (its metrics are written; made with the same settings, else a
+    ``MedvlpError``) or ``interrupted`` (a folder fine-tuning wrote, without metrics: safe to start again)."""
+    folder = run.run_dir
+    if not folder.exists():
+        return "new"
+    if (folder / "metrics.json").is_file():
+        check_same_settings(run)
+        return "finished"
+    others = [p.name for p in folder.iterdir() if p.name not in RUN_FILES and not p.name.startswith(".")] \
+        if folder.is_dir() else [folder.name]
+    if others:
+        raise MedvlpError(f"{folder} holds files a fine-tuning run does not write ({', '.join(others[:3])}); "
+                          "nothing was deleted: move them, or give the benchmark another --out")
+    return "interrupted"
+
+
+# Filled in by fine-tuning from the data and the starting point, so not comparable with a request; and
+# settings that do not change what a run learns.
+FILLED = ("data", "classes", "model", "model_size", "image_size", "tokenizer", "run_dir")
+UNCHANGING = ("num_workers", "trainer.progress_bar", "trainer.log_every", "retrieval.eval_batch_size")
+
+
+def check_same_settings(run: Run) -> None:
+    """Refuse to reuse a finished run that was made with other settings than ``run`` asks for."""
+    done = to_dict(load_config(FinetuneConfig, run.run_dir / "config.yaml"))
+    want = to_dict(run.config)
+    if run.config.data is not None and str(Path(run.config.data)) != done["data"]:
+        raise MedvlpError(f"{run.run_dir} was fine-tuned on {done['data']}, not {run.config.data}; give another "
+                          "--out, or --fresh to start over")
+    for key, value in flatten(want).items():
+        if key.split(".")[0] not in FILLED and key not in UNCHANGING and flatten(done).get(key) != value:
+            raise MedvlpError(f"{run.run_dir} was fine-tuned with {key}={flatten(done).get(key)!r}, this benchmark "
+                              f"asks for {value!r}; give another --out, or --fresh to start over")
+
+
+def flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``."""
+    flat = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def clear(out: Path) -> None:
+    """Remove what a benchmark wrote to ``out`` (its task folders, report and marker), after checking by the
+    marker that one did; anything else in ``out`` stays."""
+    if not out.exists():
+        return
+    if not (out / MARKER).is_file():
+        raise MedvlpError(f"--fresh: {out} has no {MARKER}, so it was not written by `medvlp benchmark`; nothing "
+                          "was deleted: give another --out")
+    for task in TASKS:
+        if (out / task).is_dir():
+            shutil.rmtree(out / task)
+    for name in (*OUTPUTS, MARKER):
+        (out / name).unlink(missing_ok=True)
+
+
 def majority_baseline(root: Path, split: str) -> dict[str, float]:
     """The majority-answer baseline of a prepared VQA dataset on ``split`` (answers counted on train)."""
     from medvlp.data.records import Records
+    from medvlp.evaluation.metrics import majority_answer_accuracy
 
     train, test = Records(root, "train"), Records(root, split)
     return majority_answer_accuracy(train.column("answer"), train.column("answer_type"), test.column("answer"),
@@ -189,10 +317,12 @@ def plot_curves(results: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from medvlp.training.downstream import TASKS as TASK_SPECS
+
     tasks = list(results["tasks"])
     fig, axes = plt.subplots(2, len(tasks), figsize=(4.5 * len(tasks), 6), squeeze=False)
     for column, task in enumerate(tasks):
-        selection = TASKS[task].selection
+        selection = TASK_SPECS[task].selection
         for run in results["tasks"][task]["runs"]:
             label = f"{run['start']} s{run['seed']}"
             style = "-" if run["start"] == "pre-trained" else "--"

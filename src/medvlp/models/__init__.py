@@ -1,17 +1,28 @@
-"""The model: encoders, co-attention fusion (with MPMA's memory), heads, and the named sizes."""
+"""The model: encoders, co-attention fusion (with MPMA's memory), heads, and the named sizes.
 
-from medvlp.models.config import (MODEL_SIZES, FusionConfig, MIMDecoderConfig, ModelConfig, TextConfig,
-                                  VisionConfig, model_config)
-from medvlp.models.encoders import ImageEncoding, Masking, TextEncoder, VisionEncoder, random_masking
-from medvlp.models.fusion import CoAttentionFusion, FusionOutput, MemoryBlock
-from medvlp.models.heads import AlignmentHead, ITMHead, MIMDecoder, MLMHead, Pooler, sincos_2d
-from medvlp.models.model import (CLIP_MEAN, CLIP_STD, MedVLP, MedVLPOutput, build_model, normalize_pixels,
-                                 param_groups, patchify, unpatchify)
+The names below are imported on first use, so that ``medvlp.models.config`` (the typed configs) can be read
+without importing torch and transformers."""
 
-__all__ = [
-    "AlignmentHead", "CLIP_MEAN", "CLIP_STD", "MODEL_SIZES", "CoAttentionFusion", "FusionConfig", "FusionOutput",
-    "ITMHead", "ImageEncoding", "MIMDecoder", "MIMDecoderConfig", "MLMHead", "Masking", "MedVLP", "MedVLPOutput",
-    "MemoryBlock", "ModelConfig", "Pooler", "TextConfig", "TextEncoder", "VisionConfig", "VisionEncoder",
-    "build_model", "model_config", "normalize_pixels", "param_groups", "patchify", "random_masking",
-    "sincos_2d", "unpatchify",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_HOME = {
+    "config": ("MODEL_SIZES", "FusionConfig", "MIMDecoderConfig", "ModelConfig", "TextConfig", "VisionConfig",
+               "model_config"),
+    "encoders": ("ImageEncoding", "Masking", "TextEncoder", "VisionEncoder", "random_masking"),
+    "fusion": ("CoAttentionFusion", "FusionOutput", "MemoryBlock"),
+    "heads": ("AlignmentHead", "ITMHead", "MIMDecoder", "MLMHead", "Pooler", "sincos_2d"),
+    "model": ("CLIP_MEAN", "CLIP_STD", "MedVLP", "MedVLPOutput", "build_model", "normalize_pixels", "param_groups",
+              "patchify", "unpatchify"),
+}
+_MODULE_OF = {name: module for module, names in _HOME.items() for name in names}
+
+__all__ = sorted(_MODULE_OF)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _MODULE_OF:
+        raise AttributeError(f"module 'medvlp.models' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"medvlp.models.{_MODULE_OF[name]}"), name)

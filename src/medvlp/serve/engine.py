@@ -20,7 +20,6 @@ from PIL import Image, UnidentifiedImageError
 from medvlp.data.collate import stack_images
 from medvlp.data.images import ImageError, open_image
 from medvlp.errors import ConfigError, MedvlpError
-from medvlp.objectives import match_score
 
 log = logging.getLogger("medvlp")
 
@@ -178,11 +177,11 @@ class Engine:
         return list(scores)
 
     def match_batch(self, items: list[tuple[torch.Tensor, str]]) -> list[float]:
-        """(pixels, text) pairs -> ITM log-odds of each pair matching."""
+        """(pixels, text) pairs -> each pair's ITM score, as ``Predictor.itm_score`` reports it."""
         batch = self.predictor.collator([{"pixels": p, "text": t} for p, t in items])
         with self.context():
             logits = self.model(batch, itm=True).itm_logits.float()
-        return match_score(logits).cpu().tolist()
+        return self.predictor.itm_score(logits).cpu().tolist()
 
     def embed_image_batch(self, items: list[torch.Tensor]) -> list[list[float]]:
         with self.context():
@@ -216,7 +215,7 @@ class Engine:
             raise MedvlpError("the gallery holds no readable image")
 
     def rank_gallery(self, text: str, chunk: int = 64) -> list[float]:
-        """ITM log-odds of ``text`` with every gallery image (in gallery order): the text encoded once."""
+        """ITM scores (``Predictor.itm_score``) of ``text`` with every gallery image (in gallery order): the text encoded once."""
         tokens = self.tokens([text])
         scores: list[float] = []
         with self.context():
@@ -226,7 +225,7 @@ class Engine:
                 images = self.model.encode_image(stack_images(self._gallery_pixels[start:start + chunk])).states
                 size = images.shape[0]
                 logits = self.model.match(states.expand(size, -1, -1), mask.expand(size, -1), images)
-                scores.extend(match_score(logits.float()).cpu().tolist())
+                scores.extend(self.predictor.itm_score(logits).cpu().tolist())
         return scores
 
     # -- explanations ------------------------------------------------------------------------------------------

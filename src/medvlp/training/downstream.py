@@ -30,17 +30,7 @@ from medvlp.evaluation.metrics import classification_metrics, vqa_accuracy
 from medvlp.evaluation.retrieval import encode_pairs, retrieval_metrics
 from medvlp.models.model import MedVLP
 from medvlp.objectives import classification_loss, hard_negatives, itc_loss, ranking_loss, vqa_loss
-
-
-@dataclass
-class RetrievalConfig:
-    """Retrieval fine-tuning and evaluation."""
-
-    negatives: int = 3  # hard negatives per true pair, each way (images for its text, texts for its image)
-    itc: float = 1.0  # weight of the global contrastive loss beside the ITM ranking loss
-    eval_mode: str = "two-stage"  # "two-stage" | "exhaustive" | "zero-shot" (see evaluation/retrieval.py)
-    rerank_k: int = 16  # candidates per query that two-stage evaluation re-ranks with the ITM score
-    eval_batch_size: int = 256  # image-text pairs per fusion pass in evaluation
+from medvlp.training.config import RetrievalConfig
 
 
 Loss = Callable[[MedVLP, Mapping[str, Any], RetrievalConfig], tuple[Tensor, dict[str, Tensor]]]

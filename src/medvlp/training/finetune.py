@@ -21,10 +21,10 @@ import gc
 import json
 import logging
 import random
+import shutil
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import lightning as L
 import torch
@@ -35,84 +35,20 @@ from medvlp.data.collate import Collator
 from medvlp.data.loader import FamilyDataset, make_loader
 from medvlp.data.records import Records, read_manifest
 from medvlp.data.sampler import StreamSampler
-from medvlp.data.transforms import check_crop_scale
-from medvlp.data.synthetic import SynthConfig, ensure_corpus
+from medvlp.data.synthetic import ensure_corpus
 from medvlp.errors import ConfigError, DataError, MedvlpError
-from medvlp.models.config import ModelConfig, model_config, model_size_of
 from medvlp.models.model import MedVLP, build_model
 from medvlp.training.checkpoint import load_weights, save_weights
-from medvlp.training.downstream import TASKS, DownstreamTask, RetrievalConfig, downstream_task
-from medvlp.training.optim import OptimConfig, build_optimizer, build_schedule
-from medvlp.training.trainer import TrainerConfig, build_trainer
+from medvlp.training.config import (FINETUNE_IMAGE_SIZE, FinetuneConfig,  # noqa: F401 (re-exported)
+                                    load_finetune_config)
+from medvlp.training.downstream import TASKS, DownstreamTask, downstream_task
+from medvlp.training.optim import build_optimizer, build_schedule
+from medvlp.training.trainer import build_trainer
 
 log = logging.getLogger(__name__)
 
 WEIGHTS = "model.safetensors"
-FINETUNE_IMAGE_SIZE = {"tiny": 80, "base": 384}  # the papers fine-tune at 384 after pre-training at 288
 
-
-# -- config ------------------------------------------------------------------------------------------------------
-@dataclass
-class FinetuneConfig:
-    """One fine-tuning run. ``init`` names a pre-training run (or a fine-tuned run of the same task and classes);
-    ``null`` trains from scratch: the ``model_size`` model, with ``model.vision.pretrained`` /
-    ``model.text.pretrained`` encoders when set (the baseline without medical pre-training)."""
-
-    task: str = "vqa"  # vqa | classification | retrieval
-    data: str | None = None  # a prepared dataset of the task's family; null: the synthetic corpus's
-    init: str | None = None
-    run_dir: str = "runs/finetune"
-    model_size: str = "tiny"
-    model: ModelConfig = field(default_factory=lambda: model_config("tiny"))  # used when init is null
-    image_size: int | None = None  # fine-tuning image size; null: 80 for tiny, 384 for base
-    tokenizer: str | None = None  # null: init's tokenizer, else a BPE trained on the training texts
-    vocab_size: int = 4096
-    synthetic_dir: str = "runs/data/synthetic"
-    synthetic: SynthConfig = field(default_factory=SynthConfig)
-    label_field: str = "label"  # the record field a classification task learns (MELINDA: i_meth, p_meth, ...)
-    val_fraction: float = 0.1  # of the training images held out for validation when the data has no val split
-    # which split picks the best checkpoint: "val" (its own, or held out from train), or "test" to reproduce the
-    # reference M3AE protocol on VQA-RAD, whose published valset.json is a copy of testset.json (selection on test)
-    select_on: Literal["val", "test"] = "val"
-    max_text_len: int = 64
-    batch_size: int = 32
-    num_workers: int = 2
-    crop_scale: tuple[float, float] = (0.9, 1.0)  # training crops: mild, a question may ask about the edge
-    classes: list[str] = field(default_factory=list)  # the classifier's classes, filled from the data
-    # how VQA answers of the data meet the classes: as stored ("medvlp"), or each through the reference M3AE's
-    # normalisation ("m3ae": a converted M3AE run, whose classes are the reference's normalised answers)
-    answer_normalization: Literal["medvlp", "m3ae"] = "medvlp"
-    retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, classifier_lr_mult=10.0, warmup=0.1))
-    trainer: TrainerConfig = field(default_factory=lambda: TrainerConfig(max_steps=300, val_every=100))
-
-    @property
-    def resolved_image_size(self) -> int:
-        """``image_size``, or the model size's fine-tuning default when it is null."""
-        return self.image_size or FINETUNE_IMAGE_SIZE[self.model_size]
-
-    def validate(self) -> None:
-        downstream_task(self.task)
-        self.optim.validate()
-        t = self.trainer
-        if t.max_steps <= 0 or t.accumulate <= 0 or self.batch_size <= 0 or t.val_every <= 0:
-            raise ConfigError("trainer.max_steps, trainer.accumulate, trainer.val_every and batch_size must be "
-                              "positive")
-        if not 0.0 < self.val_fraction < 1.0:
-            raise ConfigError(f"val_fraction={self.val_fraction}: must be in (0, 1)")
-        check_crop_scale(self.crop_scale, "crop_scale")
-        r = self.retrieval
-        if r.negatives < 1 or r.rerank_k < 1 or r.itc < 0:
-            raise ConfigError("retrieval.negatives and retrieval.rerank_k must be >= 1 and retrieval.itc >= 0")
-        if self.task == "retrieval" and r.negatives >= self.batch_size:
-            raise ConfigError(f"retrieval.negatives={r.negatives} needs a batch_size above it (got "
-                              f"{self.batch_size}): negatives are drawn from the batch")
-
-
-def load_finetune_config(path: Path | str | None = None, overrides: Sequence[str] = ()) -> FinetuneConfig:
-    """Defaults of the named model size (``model_size``, read first), then the file, then the overrides."""
-    size = model_size_of(path, overrides, FINETUNE_IMAGE_SIZE)
-    return load_config(FinetuneConfig, path, overrides, base=FinetuneConfig(model_size=size, model=model_config(size)))
 
 
 # -- the data ----------------------------------------------------------------------------------------------------
@@ -225,10 +161,15 @@ def initial_model(config: FinetuneConfig, classes: Sequence[str], texts) -> tupl
     return model.train(), tokenizer
 
 
+def is_finetuned(path: Path) -> bool:
+    """Whether ``path`` is a fine-tuned run folder (its best weights beside its config)."""
+    return (path / WEIGHTS).is_file() and (path / "config.yaml").is_file()
+
+
 def load_any(path: Path | str) -> tuple[MedVLP, Any, list[str], str | None]:
     """A pre-training run or a fine-tuned run: (model in eval mode, tokenizer, classes, task or None)."""
     path = Path(path)
-    if (path / WEIGHTS).is_file() and (path / "config.yaml").is_file():
+    if is_finetuned(path):
         config, model, tokenizer = load_finetuned(path)
         return model, tokenizer, config.classes, config.task
     from medvlp.training.pretrain import load_run
@@ -339,9 +280,16 @@ def evaluation_split(root: Path, split: str | None = None) -> str:
 
 
 def finetune(config: FinetuneConfig, callbacks: Sequence[L.Callback] = ()) -> Path:
-    """Fine-tune as configured; returns the run folder (config, tokenizer, best weights, metrics, logs)."""
+    """Fine-tune as configured; returns the run folder (config, tokenizer, best weights, metrics, logs). A run
+    that fails before its first weights are written leaves no folder behind when this call created it."""
+    run_dir = Path(config.run_dir)
+    created = not run_dir.exists()
     try:
         return _finetune(config, callbacks)
+    except BaseException:
+        if created and run_dir.is_dir() and not (run_dir / WEIGHTS).exists():
+            shutil.rmtree(run_dir)  # only what this call wrote: a config, a tokenizer, empty logs
+        raise
     finally:
         collect_loaders()
 

@@ -6,31 +6,13 @@ linear decay to zero."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 
-from medvlp.errors import ConfigError
 from medvlp.models.model import MedVLP, param_groups
+from medvlp.training.config import OptimConfig
 
-
-@dataclass
-class OptimConfig:
-    lr: float = 1e-4  # encoders' learning rate
-    head_lr_mult: float = 5.0  # fusion module and heads
-    classifier_lr_mult: float | None = None  # the downstream classifier, new when fine-tuning (None: head_lr_mult)
-    weight_decay: float = 0.01
-    betas: tuple[float, float] = (0.9, 0.98)
-    eps: float = 1e-8
-    warmup: float = 0.1  # fraction of the steps (or a step count when >= 1)
-    grad_clip: float = 1.0  # 0 turns clipping off
-
-    def validate(self) -> None:
-        if self.lr <= 0 or self.head_lr_mult <= 0 or (self.classifier_lr_mult or 1) <= 0:
-            raise ConfigError(f"optim.lr={self.lr}, optim.head_lr_mult={self.head_lr_mult}, optim.classifier_lr_mult="
-                              f"{self.classifier_lr_mult}: all must be > 0")
-        if self.warmup < 0 or self.weight_decay < 0 or self.grad_clip < 0:
-            raise ConfigError("optim.warmup, optim.weight_decay and optim.grad_clip must be >= 0")
+__all__ = ["OptimConfig", "build_optimizer", "build_schedule", "warmup_linear"]
 
 
 def build_optimizer(model: MedVLP, config: OptimConfig) -> torch.optim.AdamW:

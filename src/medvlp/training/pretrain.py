@@ -35,7 +35,6 @@ import gc
 import json
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -47,108 +46,19 @@ from medvlp.data.collate import Collator
 from medvlp.data.loader import Concat, FamilyDataset, make_loader
 from medvlp.data.records import read_manifest
 from medvlp.data.sampler import StreamSampler
-from medvlp.data.transforms import check_crop_scale
-from medvlp.data.synthetic import SynthConfig, ensure_corpus
-from medvlp.errors import ConfigError, DataError, MedvlpError
-from medvlp.models.config import ModelConfig, model_config, model_size_of
+from medvlp.data.synthetic import ensure_corpus
+from medvlp.errors import DataError, MedvlpError
+from medvlp.models.config import ModelConfig
 from medvlp.models.model import MedVLP, build_model
 from medvlp.objectives import (hard_negatives, itc_loss, itm_batch, itm_loss, local_alignment_loss, mim_loss,
                                mlm_loss, random_negatives)
 from medvlp.training.checkpoint import Checkpointer, resolve_checkpoint
-from medvlp.training.optim import OptimConfig, build_optimizer, build_schedule
-from medvlp.training.trainer import TrainerConfig, build_trainer
+from medvlp.training.config import (SIZE_OPTIM, DataConfig, PretrainConfig, TasksConfig,  # noqa: F401 (re-exported)
+                                    load_pretrain_config)
+from medvlp.training.optim import build_optimizer, build_schedule
+from medvlp.training.trainer import build_trainer
 
 log = logging.getLogger(__name__)
-
-
-# -- config ------------------------------------------------------------------------------------------------------
-@dataclass
-class TasksConfig:
-    """Pre-training objectives: a weight each (0 switches one off) and how the passes are run.
-
-    M3AE is ``mlm, mim, itm`` with separate passes; MPMA adds ``itc`` (global alignment) and ``local`` (local
-    alignment), ``paired_masking`` and ``hard_negatives``. Every switch works on its own, for ablations.
-    """
-
-    mlm: float = 1.0
-    mim: float = 1.0
-    itm: float = 1.0
-    itc: float = 0.0  # global image-text contrastive alignment (MPMA's GLA, global part)
-    local: float = 0.0  # word-to-patch alignment (MPMA's GLA, local part)
-    paired_masking: bool = False  # MPMA: one pass with masked image and masked text; M3AE: separate passes
-    hard_negatives: bool = False  # ITM negatives drawn by similarity instead of uniformly
-    align_whole_image: bool = False  # alignment reads a second, unmasked vision pass (see the module docstring)
-
-    def weights(self) -> dict[str, float]:
-        return {"mlm": self.mlm, "mim": self.mim, "itm": self.itm, "itc": self.itc, "local": self.local}
-
-    @property
-    def align(self) -> bool:
-        """Whether the pair pass needs the alignment embeddings (losses, or similarities for hard negatives)."""
-        return bool(self.itc or self.local or (self.itm and self.hard_negatives))
-
-    @property
-    def reuse_itm(self) -> bool:
-        """ITM from the pair pass's encoder states (positives + one negative per text) instead of M3AE's own pass
-        on a batch with half its images swapped."""
-        return bool(self.itm and (self.paired_masking or self.hard_negatives))
-
-    def validate(self) -> None:
-        weights = self.weights()
-        if any(w < 0 for w in weights.values()) or not any(weights.values()):
-            raise ConfigError(f"tasks: weights must be >= 0 and at least one > 0, got {weights}")
-
-
-@dataclass
-class DataConfig:
-    """Where the pairs come from. ``train`` lists prepared pre-training datasets (several are read as one,
-    e.g. ROCO + MedICaT); empty means the built-in synthetic corpus, generated into ``synthetic_dir``."""
-
-    train: list[str] = field(default_factory=list)
-    synthetic_dir: str = "runs/data/synthetic"
-    synthetic: SynthConfig = field(default_factory=SynthConfig)
-    tokenizer: str | None = None  # a tokenizer directory or hub id; None trains a BPE on the captions
-    vocab_size: int = 4096  # of the trained tokenizer
-    max_text_len: int = 64
-    batch_size: int = 32
-    num_workers: int = 2
-    max_bad_fraction: float = 0.01  # of training samples whose image cannot be read, before the run stops
-    crop_scale: tuple[float, float] = (0.5, 1.0)  # area range of the random resized crops
-
-
-@dataclass
-class PretrainConfig:
-    run_dir: str = "runs/pretrain"
-    model_size: str = "tiny"
-    model: ModelConfig = field(default_factory=lambda: model_config("tiny"))
-    tasks: TasksConfig = field(default_factory=TasksConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    trainer: TrainerConfig = field(default_factory=TrainerConfig)
-
-    def validate(self) -> None:
-        self.model.validate()
-        self.tasks.validate()
-        self.optim.validate()
-        t = self.trainer
-        if t.max_steps <= 0 or t.accumulate <= 0 or self.data.batch_size <= 0:
-            raise ConfigError("trainer.max_steps, trainer.accumulate and data.batch_size must be positive")
-        check_crop_scale(self.data.crop_scale, "data.crop_scale")
-        if self.data.max_text_len + 2 > self.model.text.max_position_embeddings:
-            raise ConfigError(f"data.max_text_len={self.data.max_text_len} does not fit the text encoder's "
-                              f"{self.model.text.max_position_embeddings} positions")
-
-
-def load_pretrain_config(path: Path | str | None = None, overrides: Sequence[str] = ()) -> PretrainConfig:
-    """Defaults of the named model size (``model_size``, read first), then the file, then the overrides."""
-    size = model_size_of(path, overrides, SIZE_OPTIM)
-    base = PretrainConfig(model_size=size, model=model_config(size), optim=SIZE_OPTIM[size])
-    return load_config(PretrainConfig, path, overrides, base=base)
-
-
-# A tiny model from scratch learns at a higher rate than the papers' pre-trained encoders: at 1e-4 its ITM
-# accuracy was still at chance after 350 demo steps; at 5e-4 it left chance by step 400.
-SIZE_OPTIM = {"tiny": OptimConfig(lr=5e-4, warmup=0.05), "base": OptimConfig()}
 
 
 # -- one step ----------------------------------------------------------------------------------------------------
@@ -426,12 +336,14 @@ def export_encoders(run: Path | str, out: Path | str) -> dict[str, Path]:
     ``config.json`` and ``model.safetensors``; the tokenizer's files), ``out/vision``, ``out/text`` and
     ``out/tokenizer``, so that another run starts from them through the same code as from published weights:
     ``model.vision.pretrained=out/vision model.text.pretrained=out/text data.tokenizer=out/tokenizer``."""
-    _, model, tokenizer = load_run(run)
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise MedvlpError(f"{out} is a file; export into a new folder")
     paths = {"vision": out / "vision", "text": out / "text", "tokenizer": out / "tokenizer"}
     taken = [str(p) for p in paths.values() if p.exists()]
     if taken:
         raise MedvlpError(f"{taken[0]} already exists; export into another folder")
+    _, model, tokenizer = load_run(run)
     model.vision.model.save_pretrained(paths["vision"])
     model.text.model.save_pretrained(paths["text"])
     tokenizer.save_pretrained(str(paths["tokenizer"]))

@@ -4,7 +4,6 @@ strategy, loggers (CSV + TensorBoard under ``run_dir/logs``), safetensors checkp
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
@@ -12,25 +11,10 @@ import torch
 
 from medvlp.log import quiet_lightning
 from medvlp.training.checkpoint import SafeCheckpointIO
+from medvlp.training.config import TrainerConfig
+from medvlp.training.progress import StepProgressBar
 
-
-@dataclass
-class TrainerConfig:
-    max_steps: int = 500
-    accumulate: int = 1
-    precision: str = "auto"  # bf16-mixed where bf16 matrix work is fast (GPU, CPU with AMX), else 32-true
-    accelerator: str = "auto"
-    devices: str = "auto"
-    strategy: str = "auto"  # "ddp", "fsdp", ... from Lightning
-    num_nodes: int = 1
-    seed: int = 0
-    val_every: int = 100  # steps between validations
-    val_batches: int = 4  # pre-training validates on this many batches; fine-tuning on the whole split
-    checkpoint_every: int = 100
-    keep_checkpoints: int = 2
-    log_every: int = 10
-    pictures: int = 4  # held-out samples in each pre-training validation picture
-    progress_bar: bool = True
+__all__ = ["TrainerConfig", "build_trainer", "resolve_precision"]
 
 
 def build_trainer(run_dir: Path, t: TrainerConfig, *, grad_clip: float, callbacks: Sequence[L.Callback],
@@ -50,7 +34,8 @@ def build_trainer(run_dir: Path, t: TrainerConfig, *, grad_clip: float, callback
         val_check_interval=t.val_every * t.accumulate if validate else None, check_val_every_n_epoch=None,
         limit_val_batches=None if validate else 0, num_sanity_val_steps=0,
         log_every_n_steps=min(t.log_every, t.max_steps), logger=loggers, enable_checkpointing=False,
-        callbacks=list(callbacks), plugins=[SafeCheckpointIO()], use_distributed_sampler=False,
+        callbacks=[*callbacks, *([StepProgressBar()] if t.progress_bar else [])], plugins=[SafeCheckpointIO()],
+        use_distributed_sampler=False,
         enable_progress_bar=t.progress_bar, enable_model_summary=False,
     )
 

@@ -49,7 +49,11 @@ def find_dir(raw: Path, chosen: str | None, candidates: tuple[str, ...], what: s
         try:
             path = safe_join(raw, name)
         except ImageError:
-            raise DataError(f"options.image_dir={name!r} leads outside {raw}; name a folder inside it") from None
+            if chosen:
+                raise DataError(f"options.image_dir={name!r} leads outside {raw}; name a folder inside it") from None
+            raise DataError(f"{raw / name}: the {what} is a link to a folder outside {raw} (to "
+                            f"{(raw / name).resolve()}); medvlp reads images only inside the --raw folder: copy "
+                            "or move the images into it, or give --raw the folder that holds them") from None
         if path.is_dir():
             return path
     raise DataError(f"{raw}: no {what} (looked for {', '.join(repr(n) for n in names)}); "
