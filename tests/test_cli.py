@@ -56,7 +56,8 @@ def dry(monkeypatch, tmp_path):
     for target in ("medvlp.training.pretrain.pretrain", "medvlp.training.pretrain.export_encoders",
                    "medvlp.training.pretrain.zero_shot", "medvlp.training.finetune.finetune",
                    "medvlp.training.finetune.evaluate_run", "medvlp.jobs.demo.run_demo",
-                   "medvlp.data.registry.prepare", "medvlp.data.synthetic.generate", "medvlp.predict.load"):
+                   "medvlp.data.registry.prepare", "medvlp.data.synthetic.generate", "medvlp.predict.load",
+                   "medvlp.convert.convert_m3ae", "medvlp.serve.serve"):
         monkeypatch.setattr(target, stop)
     (tmp_path / "run").mkdir()
     (tmp_path / "scan.png").write_bytes(b"")
@@ -100,8 +101,8 @@ def test_the_help_texts_show_examples():
                                                             "benchmark", "demo"}
 
 
-PLACEHOLDERS = {"NAME": "vqa_rad", "DIR": "run", "RUN": "run", "TEXT": "a question", "N": "3",
-                "TASK=DIR": "vqa=run"}
+PLACEHOLDERS = {"NAME": "vqa_rad", "DIR": "run", "RUN": "run", "TEXT": "a question", "N": "3", "K": "3",
+                "TASK=DIR": "vqa=run", "CHECKPOINT": "scan.png", "PNG": "heat.png"}
 
 
 def readme_commands() -> list[str]:
@@ -114,7 +115,7 @@ def as_argv(command: str) -> list[str]:
     command = command.replace("\\|", "|")
     argv = []
     for token in re.sub(r"[\[\]]", " ", command).split()[1:]:
-        if token in ("...", "key=value"):
+        if token in ("...", "key=value", "--fresh"):  # --fresh needs a folder medvlp wrote (tests/jobs)
             continue
         if token == "FILE":
             token = "mpma-tiny" if argv[-1] == "--config" else "scan.png"

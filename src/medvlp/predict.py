@@ -86,6 +86,13 @@ class Predictor:
                                   return_tensors="pt")
         return encoding["input_ids"], encoding["attention_mask"]
 
+    def batch(self, images: Sequence[ImageLike | torch.Tensor], texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        """The model's input for image-text pairs: ``pixels``, ``input_ids``, ``attention_mask``. Images are
+        files, bytes or PIL images, or pixels that ``pixels`` already made."""
+        ids, mask = self.tokens(texts)
+        pixels = [image if isinstance(image, torch.Tensor) else self.pixels(image) for image in images]
+        return {"pixels": stack_images(pixels), "input_ids": ids, "attention_mask": mask}
+
     # -- tasks -----------------------------------------------------------------------------------------------
     @torch.no_grad()
     def answer(self, image: ImageLike | Sequence[ImageLike], question: str | Sequence[str], k: int = 5,
@@ -120,9 +127,7 @@ class Predictor:
         k = min(k or len(self.classes), len(self.classes))
         results = []
         for start in range(0, len(images), batch_size):
-            ids, mask = self.tokens(texts[start:start + batch_size])
-            batch = {"pixels": stack_images([self.pixels(i) for i in images[start:start + batch_size]]),
-                     "input_ids": ids, "attention_mask": mask}
+            batch = self.batch(images[start:start + batch_size], texts[start:start + batch_size])
             scores, indices = probabilities(self.model(batch, classify=True).class_logits.float()).topk(k, dim=-1)
             results += [[(self.classes[i], s) for i, s in zip(row_i, row_s)]
                         for row_i, row_s in zip(indices.tolist(), scores.tolist())]

@@ -27,7 +27,8 @@ def make_predictor(tokenizer, task: str, classes: list[str], seed: int = 0) -> P
 
     torch.manual_seed(seed)
     model = build_model(model_config("tiny", num_classes=len(classes), text={"vocab_size": len(tokenizer)}))
-    return Predictor(FinetuneConfig(task=task, classes=classes, max_text_len=32), model, tokenizer)
+    config = FinetuneConfig(task=task, classes=classes, max_text_len=32)
+    return Predictor(model, tokenizer, kind="fine-tuned", max_text_len=32, task=task, classes=classes, config=config)
 
 
 @pytest.fixture(scope="session")

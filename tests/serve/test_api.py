@@ -231,7 +231,8 @@ def test_dicom_upload_with_window_and_frame(vqa_app, vqa_predictor):
                                        window="lung"))
     from medvlp.predict import Predictor
 
-    expected = Predictor(vqa_predictor.config, vqa_predictor.model, vqa_predictor.tokenizer, window="lung")
+    expected = Predictor(vqa_predictor.model, vqa_predictor.tokenizer, kind="fine-tuned", max_text_len=32, task="vqa",
+                         classes=vqa_predictor.classes, config=vqa_predictor.config, window="lung")
     assert lung.json()["answers"][0]["answer"] == expected.answer(data, QUESTION, k=1)[0][0]
     assert lung.json()["answers"][0]["probability"] == pytest.approx(expected.answer(data, QUESTION, k=1)[0][1],
                                                                      abs=1e-5)
@@ -320,7 +321,7 @@ def test_serve_loads_a_run_folder_and_refuses_what_is_not_one(vqa_run, tmp_path,
     info = run(app, lambda c: c.get("/v1/model")).json()
     assert info["run"] == vqa_run.name and info["task"] == "vqa" and info["limits"]["max_batch"] == 4
     assert main(["serve", str(tmp_path)]) == 2
-    assert "not a run folder" in capsys.readouterr().err
+    assert "not a medvlp checkpoint" in capsys.readouterr().err
     assert main(["serve", str(vqa_run), "max_batch=0"]) == 2
     assert "max_batch=0: must be positive" in capsys.readouterr().err
     assert main(["serve", str(vqa_run), "max_bach=4"]) == 2
@@ -342,4 +343,4 @@ def test_a_pretraining_run_ranks_and_embeds(pretrained_run, tmp_path):
     assert model.json()["kind"] == "pre-trained" and model.json()["endpoints"] == ["rank", "embed"]
     assert sorted(r["name"] for r in ranked.json()["results"]) == ["g0.png", "g1.png"]
     assert np.linalg.norm(embedded.json()["text_embedding"]) == pytest.approx(1.0, abs=1e-4)
-    one_line_error(answer, 422, "pretrained run", "/v1/answer")
+    one_line_error(answer, 422, "pre-trained run", "/v1/answer")

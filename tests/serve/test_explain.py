@@ -128,7 +128,11 @@ def test_explain_command_writes_the_overlay(vqa_run, tmp_path, capsys):
     assert "exists" in capsys.readouterr().err
     assert main(["explain", str(vqa_run), "--image", str(tmp_path / "none.png"), "--question", "Is it?",
                  "--out", str(tmp_path / "x.png")]) == 2
-    assert "cannot read the image" in capsys.readouterr().err
+    assert "no such file" in capsys.readouterr().err  # checked before the model loads
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    assert main(["explain", str(vqa_run), "--image", str(tmp_path / "broken.png"), "--question", "Is it?",
+                 "--out", str(tmp_path / "x.png")]) == 2
+    assert "cannot read the image" in capsys.readouterr().err and not (tmp_path / "x.png").exists()
 
 
 def test_hit_rate_script_finds_the_lesion_and_counts_against_chance(vqa_predictor):

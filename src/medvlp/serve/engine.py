@@ -67,22 +67,15 @@ class RequestError(Exception):
 
 
 def load_any(run: Path | str) -> tuple[Any, str]:
-    """A fine-tuned run as a ``Predictor`` (kind "fine-tuned"), or a pre-training run as one for ranking and
-    embeddings only (kind "pre-trained")."""
+    """A run as a ``Predictor`` (``medvlp.load``) and its kind: "fine-tuned" (every endpoint of its task), or
+    "pre-trained" (ranking and embeddings only)."""
     from medvlp import predict
-    from medvlp.training.finetune import WEIGHTS, FinetuneConfig
 
-    run = Path(run)
-    if (run / WEIGHTS).is_file():
-        return predict.load(run), "fine-tuned"
-    if (run / "checkpoints").is_dir() or (run / "model.safetensors").is_file():
-        from medvlp.training.pretrain import load_run
-
-        config, model, tokenizer = load_run(run)
-        settings = FinetuneConfig(task="pretrained", max_text_len=config.data.max_text_len)
-        return predict.Predictor(settings, model, tokenizer), "pre-trained"
-    raise MedvlpError(f"{run}: not a run folder (no {WEIGHTS}, no checkpoints/); give a folder written by "
-                      "`medvlp finetune` or `medvlp pretrain`")
+    predictor = predict.load(run)
+    if predictor.kind == "exported":
+        raise MedvlpError(f"{run}: an exported run holds the encoders only; serve the pre-training run it came "
+                          "from, or a fine-tuned run")
+    return predictor, predictor.kind
 
 
 class Engine:
@@ -170,7 +163,7 @@ class Engine:
     # -- batched work ----------------------------------------------------------------------------------------
     def scores_batch(self, items: list[tuple[torch.Tensor, str]]) -> list[torch.Tensor]:
         """(pixels, text) pairs -> each pair's class scores (VQA: sigmoid, classification: softmax)."""
-        batch = self.predictor.collator([{"pixels": p, "text": t} for p, t in items])
+        batch = self.predictor.batch([p for p, _ in items], [t for _, t in items])
         with self.context():
             logits = self.model(batch, classify=True).class_logits.float().cpu()
         scores = logits.sigmoid() if self.predictor.task == "vqa" else logits.softmax(dim=-1)
@@ -178,7 +171,7 @@ class Engine:
 
     def match_batch(self, items: list[tuple[torch.Tensor, str]]) -> list[float]:
         """(pixels, text) pairs -> each pair's ITM score, as ``Predictor.itm_score`` reports it."""
-        batch = self.predictor.collator([{"pixels": p, "text": t} for p, t in items])
+        batch = self.predictor.batch([p for p, _ in items], [t for _, t in items])
         with self.context():
             logits = self.model(batch, itm=True).itm_logits.float()
         return self.predictor.itm_score(logits).cpu().tolist()
@@ -193,9 +186,8 @@ class Engine:
             return self.model.embed_text(tokens["input_ids"], tokens["attention_mask"]).float().cpu().tolist()
 
     def tokens(self, texts: list[str]) -> dict[str, torch.Tensor]:
-        collator = self.predictor.collator
-        return collator.tokenizer(texts, padding=True, truncation=True, max_length=collator.max_length,
-                                  return_tensors="pt")
+        ids, mask = self.predictor.tokens(texts)
+        return {"input_ids": ids, "attention_mask": mask}
 
     # -- the gallery ---------------------------------------------------------------------------------------------
     def load_gallery(self, files: list[Path]) -> None:
@@ -237,7 +229,6 @@ class Engine:
     # -- what the run is --------------------------------------------------------------------------------------
     def describe(self) -> dict[str, Any]:
         cfg = self.model.cfg
-        config = self.predictor.config
         return {
             "run": Path(self.run).name if self.run else None,
             "kind": self.kind,
@@ -246,7 +237,7 @@ class Engine:
             "classes": list(self.predictor.classes),
             "image_size": cfg.image_size,
             "patch_size": cfg.patch_size,
-            "max_text_tokens": config.max_text_len,
+            "max_text_tokens": self.predictor.max_text_len,
             "device": self.device.type,
             "precision": "bf16-autocast" if self.bf16 else "fp32",
             "gallery": len(self.gallery),
