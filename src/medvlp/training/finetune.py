@@ -30,7 +30,7 @@ import lightning as L
 import torch
 from torch.utils.data import Dataset
 
-from medvlp.config import load_config, save_config
+from medvlp.config import at_least, load_config, not_empty, save_config
 from medvlp.data.collate import Collator
 from medvlp.data.loader import FamilyDataset, make_loader
 from medvlp.data.records import Records, read_manifest
@@ -61,19 +61,19 @@ class FinetuneConfig:
     task: str = "vqa"  # vqa | classification | retrieval
     data: str | None = None  # a prepared dataset of the task's family; null: the synthetic corpus's
     init: str | None = None
-    run_dir: str = "runs/finetune"
+    run_dir: str = field(default="runs/finetune", metadata=not_empty("the run folder"))
     model_size: str = "tiny"
     model: ModelConfig = field(default_factory=lambda: model_config("tiny"))  # used when init is null
     image_size: int | None = None  # fine-tuning image size; null: 80 for tiny, 384 for base
     tokenizer: str | None = None  # null: init's tokenizer, else a BPE trained on the training texts
-    vocab_size: int = 4096
-    synthetic_dir: str = "runs/data/synthetic"
+    vocab_size: int = field(default=4096, metadata=at_least(100))
+    synthetic_dir: str = field(default="runs/data/synthetic", metadata=not_empty("where the synthetic corpus goes"))
     synthetic: SynthConfig = field(default_factory=SynthConfig)
     label_field: str = "label"  # the record field a classification task learns (MELINDA: i_meth, p_meth, ...)
     val_fraction: float = 0.1  # of the training images held out for validation when the data has no val split
-    max_text_len: int = 64
-    batch_size: int = 32
-    num_workers: int = 2
+    max_text_len: int = field(default=64, metadata=at_least(1))
+    batch_size: int = field(default=32, metadata=at_least(1))
+    num_workers: int = field(default=2, metadata=at_least(0, "0 reads in the training process"))
     crop_scale: tuple[float, float] = (0.9, 1.0)  # training crops: mild, a question may ask about the edge
     classes: list[str] = field(default_factory=list)  # the classifier's classes, filled from the data
     retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)

@@ -6,17 +6,19 @@ linear decay to zero."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
+from medvlp.config import check
 from medvlp.errors import ConfigError
 from medvlp.models.model import MedVLP, param_groups
 
 
 @dataclass
 class OptimConfig:
-    lr: float = 1e-4  # encoders' learning rate
+    lr: float = field(default=1e-4, metadata=check(  # encoders' learning rate
+        lambda v: 0 < v < 1, "must be above 0 and below 1 (AdamW trains at 1e-6 to 1e-2)"))
     head_lr_mult: float = 5.0  # fusion module and heads
     classifier_lr_mult: float | None = None  # the downstream classifier, new when fine-tuning (None: head_lr_mult)
     weight_decay: float = 0.01

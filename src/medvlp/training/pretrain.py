@@ -42,7 +42,7 @@ from typing import Any
 import lightning as L
 import torch
 
-from medvlp.config import load_config, save_config
+from medvlp.config import at_least, load_config, not_empty, save_config, within
 from medvlp.data.collate import Collator
 from medvlp.data.loader import Concat, FamilyDataset, make_loader
 from medvlp.data.records import read_manifest
@@ -105,20 +105,21 @@ class DataConfig:
     e.g. ROCO + MedICaT); empty means the built-in synthetic corpus, generated into ``synthetic_dir``."""
 
     train: list[str] = field(default_factory=list)
-    synthetic_dir: str = "runs/data/synthetic"
+    synthetic_dir: str = field(default="runs/data/synthetic", metadata=not_empty("where the synthetic corpus goes"))
     synthetic: SynthConfig = field(default_factory=SynthConfig)
     tokenizer: str | None = None  # a tokenizer directory or hub id; None trains a BPE on the captions
-    vocab_size: int = 4096  # of the trained tokenizer
-    max_text_len: int = 64
-    batch_size: int = 32
-    num_workers: int = 2
-    max_bad_fraction: float = 0.01  # of training samples whose image cannot be read, before the run stops
+    vocab_size: int = field(default=4096, metadata=at_least(100))  # of the trained tokenizer
+    max_text_len: int = field(default=64, metadata=at_least(1))
+    batch_size: int = field(default=32, metadata=at_least(1))
+    num_workers: int = field(default=2, metadata=at_least(0, "0 reads in the training process"))
+    # of training samples whose image cannot be read, before the run stops
+    max_bad_fraction: float = field(default=0.01, metadata=within(0, 1, "a fraction of the samples"))
     crop_scale: tuple[float, float] = (0.5, 1.0)  # area range of the random resized crops
 
 
 @dataclass
 class PretrainConfig:
-    run_dir: str = "runs/pretrain"
+    run_dir: str = field(default="runs/pretrain", metadata=not_empty("the run folder"))
     model_size: str = "tiny"
     model: ModelConfig = field(default_factory=lambda: model_config("tiny"))
     tasks: TasksConfig = field(default_factory=TasksConfig)

@@ -4,32 +4,48 @@ strategy, loggers (CSV + TensorBoard under ``run_dir/logs``), safetensors checkp
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import lightning as L
 import torch
 
+from medvlp.config import at_least, check, one_of
 from medvlp.log import quiet_lightning
 from medvlp.training.checkpoint import SafeCheckpointIO
 
 
+PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true", "32", "16", "bf16",
+              "64")
+
+
+def _devices_ok(value: str) -> bool:
+    """Lightning's ``devices``: auto, a count (-1: all), or a comma-separated list of device indices."""
+    parts = [p.strip() for p in str(value).split(",") if p.strip()]
+    if value == "auto" or (len(parts) == 1 and parts[0] == "-1"):
+        return True
+    return bool(parts) and all(p.isdigit() for p in parts) and ("," in str(value) or int(parts[0]) >= 1)
+
+
 @dataclass
 class TrainerConfig:
-    max_steps: int = 500
-    accumulate: int = 1
-    precision: str = "auto"  # bf16-mixed where bf16 matrix work is fast (GPU, CPU with AMX), else 32-true
+    max_steps: int = field(default=500, metadata=at_least(1))
+    accumulate: int = field(default=1, metadata=at_least(1, "batches per optimiser step"))
+    # bf16-mixed where bf16 matrix work is fast (GPU, CPU with AMX), else 32-true
+    precision: str = field(default="auto", metadata=one_of(*PRECISIONS))
     accelerator: str = "auto"
-    devices: str = "auto"
+    devices: str = field(default="auto", metadata=check(
+        _devices_ok, "must be auto, a device count of at least 1 (-1: all) or device indices such as 0,1"))
     strategy: str = "auto"  # "ddp", "fsdp", ... from Lightning
-    num_nodes: int = 1
-    seed: int = 0
-    val_every: int = 100  # steps between validations
-    val_batches: int = 4  # pre-training validates on this many batches; fine-tuning on the whole split
-    checkpoint_every: int = 100
-    keep_checkpoints: int = 2
-    log_every: int = 10
-    pictures: int = 4  # held-out samples in each pre-training validation picture
+    num_nodes: int = field(default=1, metadata=at_least(1))
+    seed: int = field(default=0, metadata=at_least(0))
+    val_every: int = field(default=100, metadata=at_least(1, "steps between validations"))
+    # pre-training validates on this many batches; fine-tuning on the whole split
+    val_batches: int = field(default=4, metadata=at_least(1))
+    checkpoint_every: int = field(default=100, metadata=at_least(0, "steps between checkpoints; 0: only at the end"))
+    keep_checkpoints: int = field(default=2, metadata=at_least(1, "the newest checkpoints kept"))
+    log_every: int = field(default=10, metadata=at_least(1))
+    pictures: int = field(default=4, metadata=at_least(0))  # held-out samples in each pre-training validation picture
     progress_bar: bool = True
 
 
