@@ -15,6 +15,7 @@ from their middle frame unless ``frame=`` names one. A file that cannot be read 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -23,13 +24,15 @@ import torch
 from PIL import Image
 
 from medvlp.data.collate import Collator, stack_images
-from medvlp.data.images import ImageError, Window, open_image
+from medvlp.data.images import DEFAULT_MAX_PIXELS, ImageError, Window, open_image
+from medvlp.data.text import MAX_TEXT_CHARS, clean_text
 from medvlp.data.transforms import EvalTransform
 from medvlp.errors import DataError, MedvlpError
 from medvlp.objectives import match_score
 from medvlp.training.finetune import FinetuneConfig, load_finetuned
 
 ImageLike = str | Path | bytes | Image.Image
+log = logging.getLogger(__name__)
 
 
 class Predictor:
@@ -37,9 +40,10 @@ class Predictor:
     (``rank`` works with any run: it uses the ITM head)."""
 
     def __init__(self, config: FinetuneConfig, model, tokenizer: Any, *, window: Window = None,
-                 frame: int | None = None):
+                 frame: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS, max_text_chars: int = MAX_TEXT_CHARS):
         self.config, self.model, self.tokenizer = config, model.eval(), tokenizer
         self.window, self.frame = window, frame
+        self.max_pixels, self.max_text_chars = max_pixels, max_text_chars
         self.task, self.classes = config.task, list(config.classes)
         self.transform = EvalTransform(model.cfg.image_size)
         self.collator = Collator(tokenizer, max_length=config.max_text_len, mlm_probability=0.0)
@@ -52,14 +56,23 @@ class Predictor:
         else:
             source = Path(image) if isinstance(image, (str, Path)) else image
             try:
-                data = open_image(source, window=self.window, frame=self.frame)
+                data = open_image(source, window=self.window, frame=self.frame, max_pixels=self.max_pixels)
             except ImageError as e:
                 where = source if isinstance(source, Path) else "the image bytes"
                 raise DataError(f"{where}: cannot read the image ({e}); give a PNG, JPEG or DICOM file") from None
         return self.transform(data)
 
     def batch(self, images: Sequence[ImageLike], texts: Sequence[str]) -> dict[str, Any]:
-        return self.collator([{"pixels": self.pixels(image), "text": text} for image, text in zip(images, texts)])
+        return self.collator([{"pixels": self.pixels(image), "text": self.text(text)}
+                              for image, text in zip(images, texts)])
+
+    def text(self, text: str) -> str:
+        """A question, text or query as the model reads it: control characters removed, length bounded (a line
+        says what was changed)."""
+        cleaned, notes = clean_text(text, self.max_text_chars)
+        if notes:
+            log.warning("the text %r...: %s", cleaned[:40], ", ".join(notes))
+        return cleaned
 
     # -- tasks -----------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -83,7 +96,7 @@ class Predictor:
         """``images`` ordered by how well they match ``query`` (ITM log-odds, highest first), with the scores."""
         if not images:
             raise MedvlpError("rank: no images given")
-        tokens = self.collator.tokenizer([query], truncation=True, max_length=self.collator.max_length,
+        tokens = self.collator.tokenizer([self.text(query)], truncation=True, max_length=self.collator.max_length,
                                          return_tensors="pt")
         text = self.model.encode_text(tokens["input_ids"], tokens["attention_mask"])  # once, for every image
         mask = tokens["attention_mask"].to(text.device)
