@@ -82,9 +82,11 @@ def cleaned_on_failure(*paths: Path, what: str, again: str = " (a training run: 
                 shutil.rmtree(path, ignore_errors=True)
             else:
                 path.unlink(missing_ok=True)
-        if isinstance(e, OSError) or (isinstance(e, RuntimeError) and "unexpected pos" in str(e)):
-            reason = "no space left on the disk" if getattr(e, "errno", None) == errno.ENOSPC or \
-                isinstance(e, RuntimeError) else (e.strerror or str(e))
+        # a full disk as the OS says it, as safetensors says it, and as torch.save says it (a short write)
+        full = getattr(e, "errno", None) == errno.ENOSPC or any(
+            sign in str(e) for sign in ("No space left on device", "unexpected pos"))
+        if full or isinstance(e, OSError):
+            reason = "no space left on the disk" if full else (getattr(e, "strerror", None) or str(e))
             raise MedvlpError(f"{what}: could not be written ({reason}); nothing partial was left behind: free "
                               f"space (or fix the folder's permissions) and run again{again}") from None
         raise

@@ -13,6 +13,7 @@ import json
 import logging
 import multiprocessing
 import os
+import pickle
 import random
 from pathlib import Path
 
@@ -274,3 +275,28 @@ def test_a_full_disk_during_a_checkpoint_leaves_no_partial_and_says_so(root, mon
 def test_bad_values_are_refused_as_the_config_is_read():
     with pytest.raises(ConfigError, match=r"trainer.keep_checkpoints = 0 must be at least 1"):
         load_finetune_config(None, ["trainer.keep_checkpoints=0"])
+
+
+def test_a_pickle_given_as_pytorch_model_bin_is_refused_unrun(tmp_path):
+    from transformers import CLIPVisionConfig
+
+    from medvlp.models.model import build_model
+
+    CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=64,
+                     patch_size=16).save_pretrained(tmp_path / "vision")
+    ran = tmp_path / "ran"
+    (tmp_path / "vision" / "pytorch_model.bin").write_bytes(pickle.dumps(Payload(ran)))
+    config = load_pretrain_config(None, [f"model.vision.pretrained={tmp_path / 'vision'}"])
+    with pytest.raises(ConfigError, match=r"holds pickled weights \(pytorch_model.bin\) .* never runs pickled code"):
+        build_model(config.model)
+    assert not ran.exists()
+
+
+class Payload:
+    """Pickles as a call that would create ``path``."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (self.path,))

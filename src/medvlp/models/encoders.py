@@ -8,6 +8,7 @@ masking can drop patches *before* the Transformer runs.
 from __future__ import annotations
 
 import contextlib
+import pickle
 import inspect
 import re
 from collections.abc import Iterator
@@ -23,6 +24,7 @@ from transformers.models.auto.modeling_auto import MODEL_MAPPING
 from transformers.utils import logging as hf_logging
 
 from medvlp.errors import ConfigError
+from medvlp.integrity import verify_checksum
 from medvlp.models.config import TextConfig, VisionConfig
 
 VISION_MODEL_TYPES = ("clip", "clip_vision_model")
@@ -90,6 +92,8 @@ def _resolve_source(source: str, field: str, expected: str) -> str:
         if not (path / "config.json").is_file():
             raise ConfigError(f"{field}: {source} has no config.json; expected a {expected} checkpoint directory "
                               "written by save_pretrained")
+        for weights in path.glob("*.safetensors"):
+            verify_checksum(weights)  # where a checksum was written beside them (medvlp export)
         return str(path)
     if _HUB_ID.match(source):
         return source
@@ -131,7 +135,11 @@ def _from_pretrained(cls: type, source: str, field: str, **kwargs) -> PreTrained
     with _quiet_transformers():
         try:
             model, info = cls.from_pretrained(source, dtype=torch.float32, output_loading_info=True, **kwargs)
-        except (OSError, ValueError, RuntimeError) as error:
+        except pickle.UnpicklingError:
+            raise ConfigError(f"{field}: {source} holds pickled weights (pytorch_model.bin) that hold more than "
+                              "tensors; medvlp never runs pickled code: save them as model.safetensors with a "
+                              "tool you trust") from None
+        except (OSError, ValueError, RuntimeError, EOFError) as error:
             raise ConfigError(f"{field}: cannot load weights from {source} ({_first_line(error)})") from None
     missing = info.get("missing_keys") or []
     if missing:

@@ -54,7 +54,7 @@ from medvlp.models.config import ModelConfig, model_config, model_size_of
 from medvlp.models.model import MedVLP, build_model
 from medvlp.objectives import (hard_negatives, itc_loss, itm_batch, itm_loss, local_alignment_loss, mim_loss,
                                mlm_loss, random_negatives)
-from medvlp.integrity import RunLock
+from medvlp.integrity import RunLock, write_checksum
 from medvlp.training.checkpoint import Checkpointer, checkpoint_step, resolve_checkpoint, resume_point
 from medvlp.training.optim import OptimConfig, build_optimizer, build_schedule
 from medvlp.training.trainer import TrainerConfig, build_trainer
@@ -449,6 +449,8 @@ def export_encoders(run: Path | str, out: Path | str) -> dict[str, Path]:
         raise MedvlpError(f"{taken[0]} already exists; export into another folder")
     model.vision.model.save_pretrained(paths["vision"])
     model.text.model.save_pretrained(paths["text"])
+    for weights in [*paths["vision"].glob("*.safetensors"), *paths["text"].glob("*.safetensors")]:
+        write_checksum(weights)  # checked when a run starts from them (models/encoders.py)
     tokenizer.save_pretrained(str(paths["tokenizer"]))
     return paths
 
