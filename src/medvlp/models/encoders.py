@@ -8,9 +8,10 @@ masking can drop patches *before* the Transformer runs.
 from __future__ import annotations
 
 import contextlib
-import pickle
 import inspect
+import pickle
 import re
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -132,7 +133,9 @@ def _quiet_transformers() -> Iterator[None]:
 
 
 def _from_pretrained(cls: type, source: str, field: str, **kwargs) -> PreTrainedModel:
-    with _quiet_transformers():
+    with _quiet_transformers(), warnings.catch_warnings():
+        # torch's safe unpickler notes the protocol of every pickled .bin; the refusal below says what matters
+        warnings.filterwarnings("ignore", message="Detected pickle protocol")
         try:
             model, info = cls.from_pretrained(source, dtype=torch.float32, output_loading_info=True, **kwargs)
         except pickle.UnpicklingError:
