@@ -109,7 +109,8 @@ class DataConfig:
     synthetic_dir: str = field(default="runs/data/synthetic", metadata=not_empty("where the synthetic corpus goes"))
     synthetic: SynthConfig = field(default_factory=SynthConfig)
     tokenizer: str | None = None  # a tokenizer directory or hub id; None trains a BPE on the captions
-    vocab_size: int = field(default=4096, metadata=at_least(261, "256 bytes + 5 special tokens"))  # of the trained tokenizer
+    # of the trained tokenizer
+    vocab_size: int = field(default=4096, metadata=at_least(261, "256 bytes + 5 special tokens"))
     max_text_len: int = field(default=64, metadata=at_least(1))
     batch_size: int = field(default=32, metadata=at_least(1))
     num_workers: int = field(default=2, metadata=at_least(0, "0 reads in the training process"))
