@@ -15,6 +15,7 @@ import multiprocessing
 import os
 import pickle
 import random
+import re
 from pathlib import Path
 
 import lightning as L
@@ -180,6 +181,9 @@ def test_finetuning_killed_five_times_ends_as_the_uninterrupted_run(root, whole_
     assert same(load_weights(whole / WEIGHTS), load_weights(killed / WEIGHTS))  # the best validation step's
     assert json.loads((whole / "metrics.json").read_text()) == json.loads((killed / "metrics.json").read_text())
     assert not (killed / "checkpoints").exists()  # a finished fine-tuning run keeps its best weights only
+    metrics = (killed / "metrics.json").read_text()
+    finetune(finetune_config(root, "ft-killed", init), resume=True)  # finished: says so, changes nothing
+    assert (killed / "metrics.json").read_text() == metrics
 
 
 # -- finding 2: a finished run ---------------------------------------------------------------------------------
@@ -272,9 +276,28 @@ def test_a_full_disk_during_a_checkpoint_leaves_no_partial_and_says_so(root, mon
     assert not [p for p in (root / "full" / "checkpoints").iterdir() if "partial" in p.name]
 
 
-def test_bad_values_are_refused_as_the_config_is_read():
+# -- finding 6: values checked as the config is read -----------------------------------------------------------
+@pytest.mark.parametrize("override, message", [
+    ("trainer.keep_checkpoints=-1", "trainer.keep_checkpoints = -1 must be at least 1"),  # deleted every checkpoint
+    ("trainer.checkpoint_every=-5", "trainer.checkpoint_every = -5 must be at least 0"),
+    ("run_dir=", "run_dir = '' must not be empty"),
+    ("data.synthetic_dir=", "data.synthetic_dir = '' must not be empty"),
+    ("trainer.seed=-1", "trainer.seed = -1 must be at least 0"),
+    ("trainer.val_every=0", "trainer.val_every = 0 must be at least 1"),
+    ("trainer.precision=banana", "trainer.precision = 'banana' must be one of auto, 32-true"),
+    ("data.num_workers=-1", "data.num_workers = -1 must be at least 0"),
+    ("trainer.devices=0", "trainer.devices = '0' must be auto, a device count of at least 1"),
+    ("data.max_bad_fraction=-3", "data.max_bad_fraction = -3.0 must be between 0 and 1"),
+    ("optim.lr=1e9", "optim.lr = 1000000000.0 must be above 0 and below 1"),
+])
+def test_bad_values_are_refused_as_the_config_is_read(override, message):
+    with pytest.raises(ConfigError, match=re.escape(f"override {override!r}: {message}")) as error:
+        load_pretrain_config(None, [override])
+    assert "\n" not in str(error.value)
     with pytest.raises(ConfigError, match=r"trainer.keep_checkpoints = 0 must be at least 1"):
         load_finetune_config(None, ["trainer.keep_checkpoints=0"])
+    for fine in ("trainer.devices=2", "trainer.devices=0,1", "trainer.devices=-1", "trainer.checkpoint_every=0"):
+        load_pretrain_config(None, [fine])
 
 
 def test_a_pickle_given_as_pytorch_model_bin_is_refused_unrun(tmp_path):

@@ -13,13 +13,14 @@ sampler need nothing more. Writing is atomic: everything goes to a staging direc
 manifest is written last, and the finished directory replaces the old one by rename, so a killed ``prepare``
 leaves either the old dataset or the new one, never half of one (and a failed one, e.g. on a full disk, leaves
 no staging folder). Writing is deterministic, hence idempotent: the same input gives the same bytes and the same
-content hash, and an unchanged dataset is left untouched. Only a prepared dataset is ever replaced: a folder
+content hash (the record of when shards were last hashed, ``.verified.json``, aside), and an unchanged
+dataset is left untouched. Only a prepared dataset is ever replaced: a folder
 holding anything else is refused unless the caller forces it.
 
 Opening a split checks its shards against the manifest's SHA-256 hashes, so a damaged or edited shard is a
 one-line error, not training on garbage. Hashing is skipped for a shard whose size and modification time match
-those recorded the last time it was hashed (``.verified.json`` in the dataset, written where the folder is
-writable).
+those recorded the last time it was hashed (``.verified.json`` in the dataset; for a read-only dataset, in
+``~/.cache/medvlp``).
 """
 
 from __future__ import annotations
@@ -282,11 +283,22 @@ def _stamp(path: Path) -> tuple[int, int]:
     return stat.st_size, stat.st_mtime_ns
 
 
+def _verified_file(root: Path) -> Path:
+    """Where the hashing record of a dataset is kept: in it, or for a dataset folder that is not writable (a
+    shared read-only copy), in the user's cache folder."""
+    root = Path(root)
+    if os.access(root, os.W_OK):
+        return root / VERIFIED
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "medvlp"
+    return cache / f"verified-{hashlib.sha1(str(root.resolve()).encode()).hexdigest()[:16]}.json"
+
+
 def _remember_verified(root: Path, shards: list[dict[str, Any]]) -> None:
-    """Record the size and modification time at which each shard had its manifest hash (best effort: a
-    read-only dataset folder is simply hashed again next time)."""
-    path = Path(root) / VERIFIED
+    """Record the size and modification time at which each shard had its manifest hash (best effort: where
+    nothing can be written, the shards are simply hashed again next time)."""
+    path = _verified_file(root)
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         known = json.loads(path.read_text()) if path.is_file() else {}
         for shard in shards:
             known[shard["file"]] = [*_stamp(Path(root) / shard["file"]), shard["sha256"]]
@@ -302,7 +314,8 @@ def verify_shards(root: Path, shards: list[dict[str, Any]]) -> None:
     does not. Shards whose size and modification time are as when they were last hashed are not read again."""
     root = Path(root)
     try:
-        known = json.loads((root / VERIFIED).read_text()) if (root / VERIFIED).is_file() else {}
+        record = _verified_file(root)
+        known = json.loads(record.read_text()) if record.is_file() else {}
     except (OSError, ValueError):
         known = {}
     hashed = []

@@ -198,8 +198,9 @@ class Checkpointer(Callback):
         due = (self.every and step % self.every == 0) or (trainer.max_steps > 0 and step >= trainer.max_steps)
         if not (due and step > 0 and (batch_idx + 1) % trainer.accumulate_grad_batches == 0):
             return
-        loop = trainer.fit_loop.epoch_loop
-        if trainer.limit_val_batches and loop._should_check_val_fx(trainer.fit_loop._data_fetcher):
+        # Lightning's own test for "validate after this batch" (private: without it, save now)
+        validates = getattr(trainer.fit_loop.epoch_loop, "_should_check_val_fx", None)
+        if trainer.limit_val_batches and validates and validates(getattr(trainer.fit_loop, "_data_fetcher", None)):
             self._after_validation = step
         else:
             self._save(trainer)
