@@ -265,15 +265,22 @@ def test_a_truncated_trainer_state_is_one_line(whole_pretrain, tmp_path):
     assert "\n" not in str(e.value)
 
 
-def test_a_full_disk_during_a_checkpoint_leaves_no_partial_and_says_so(root, monkeypatch):
+@pytest.mark.parametrize("writer, error", [  # how torch.save and safetensors report a full disk
+    ("torch", RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 1792 vs 1686")),
+    ("safetensors", Exception("Error while serializing: I/O error: No space left on device (os error 28)")),
+])
+def test_a_full_disk_during_a_checkpoint_leaves_no_partial_and_says_so(root, monkeypatch, writer, error):
     def full(state, path, *args, **kwargs):
         Path(path).write_bytes(b"some bytes")
-        raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 1792 vs 1686")
+        raise error
 
-    monkeypatch.setattr(checkpoint_io.torch, "save", full)
+    if writer == "torch":
+        monkeypatch.setattr(checkpoint_io.torch, "save", full)
+    else:
+        monkeypatch.setattr(checkpoint_io, "save_file", full)
     with pytest.raises(MedvlpError, match=r"checkpoint .*step-000002: could not be written \(no space left"):
-        pretrain(pretrain_config(root, "full"))
-    assert not [p for p in (root / "full" / "checkpoints").iterdir() if "partial" in p.name]
+        pretrain(pretrain_config(root, f"full-{writer}"))
+    assert not [p for p in (root / f"full-{writer}" / "checkpoints").iterdir() if p.name.startswith(".")]
 
 
 # -- finding 6: values checked as the config is read -----------------------------------------------------------

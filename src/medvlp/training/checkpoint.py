@@ -33,10 +33,12 @@ TRAINER_STATE = "trainer.pt"
 LATEST = "latest"
 
 
-def save_weights(state_dict: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+def save_weights(state_dict: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None, *,
+                 what: str | None = None) -> None:
     """Write a state dict as safetensors, atomically, with its checksum beside it (``NAME.sha256``); tensors
     that share storage (tied weights) are stored once and the other names recorded as aliases in the metadata.
-    A failed write (a full disk) leaves nothing behind and is a one-line ``MedvlpError``."""
+    A failed write (a full disk) leaves nothing behind and is a one-line ``MedvlpError`` naming ``what`` (by
+    default ``path``)."""
     path = Path(path)
     unique: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}
@@ -50,7 +52,7 @@ def save_weights(state_dict: dict[str, torch.Tensor], path: Path, metadata: dict
             unique[name] = tensor.detach().contiguous().cpu()
     meta = {**(metadata or {}), "aliases": json.dumps(aliases)}
     tmp = path.with_name(f".{path.name}.tmp")
-    with cleaned_on_failure(tmp, checksum_path(tmp), what=str(path)):
+    with cleaned_on_failure(tmp, checksum_path(tmp), what=what or str(path)):
         save_file(unique, str(tmp), metadata=meta)
         write_checksum(tmp, name=path.name)
         os.replace(tmp, path)
@@ -87,7 +89,8 @@ class SafeCheckpointIO(CheckpointIO):
             stage.mkdir(parents=True)
             state = dict(checkpoint)
             weights = state.pop("state_dict")
-            save_weights(weights, stage / WEIGHTS, {"global_step": str(state.get("global_step", 0))})
+            save_weights(weights, stage / WEIGHTS, {"global_step": str(state.get("global_step", 0))},
+                         what=f"checkpoint {path}")
             torch.save(state, stage / TRAINER_STATE)
             write_checksum(stage / TRAINER_STATE)
             if path.exists():
