@@ -37,7 +37,7 @@ def cmd_prepare(args: argparse.Namespace) -> None:
     from medvlp.data.registry import prepare
 
     config = load_config(PrepareConfig, args.config, args.overrides)
-    manifest = prepare(args.name, args.raw, args.out, config)
+    manifest = prepare(args.name, args.raw, args.out, config, force=args.force)
     splits = ", ".join(f"{name} {entry['rows']:,}" for name, entry in manifest["splits"].items())
     print(f"prepared {args.name} in {args.out}: {splits}; {manifest['images']['rows']:,} images; "
           f"{manifest['skipped']['count']} records skipped")
@@ -110,7 +110,7 @@ def cmd_finetune(args: argparse.Namespace) -> None:
             raise MedvlpError(f"--{flag} {getattr(config, flag)}: no such folder")
     from medvlp.training.finetune import finetune
 
-    run_dir = finetune(config)
+    run_dir = finetune(config, resume=args.resume)
     metrics = json.loads((run_dir / "metrics.json").read_text())
     print_metrics(metrics, f"{config.task}, best validation step {metrics['best_step']}")
     print(f"run folder: {run_dir} (model.safetensors, config.yaml, tokenizer/, metrics.json, logs/)")
@@ -289,7 +289,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prepare", help="turn a raw dataset into the record format")
     p.add_argument("name", help="dataset name (see `medvlp datasets`)")
     p.add_argument("--raw", type=Path, required=True, help="the dataset's folder as its publisher ships it")
-    p.add_argument("--out", type=Path, required=True, help="where to write the prepared dataset")
+    p.add_argument("--out", type=Path, required=True, help="where to write the prepared dataset (a prepared "
+                                                           "dataset there is replaced)")
+    p.add_argument("--force", action="store_true", help="replace --out even when it holds other files")
     _config_args(p, "val_fraction=0.1 or max_short_side=512")
     p.set_defaults(run=cmd_prepare)
 
@@ -318,6 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", choices=("vqa", "classification", "retrieval"), help="the downstream task")
     p.add_argument("--data", help="a prepared dataset of the task (default: the synthetic corpus's)")
     p.add_argument("--init", help="a pre-training run to start from (default: from scratch)")
+    p.add_argument("--resume", action="store_true", help="continue a stopped run in run_dir from its last checkpoint")
     _config_args(p, "val_fraction=0.1 or trainer.max_steps=1000")
     p.set_defaults(run=cmd_finetune)
 

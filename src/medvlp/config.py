@@ -4,6 +4,11 @@ A run's config is a dataclass tree with defaults. ``load_config(Cls, path, ["mod
 from the defaults, applies the YAML file, then each ``dotted.key=value`` override (the value is read as YAML,
 so ``lr=1e-4``, ``flag=false`` and ``sizes=[1,2]`` work), and checks every key and type on the way: an unknown
 key or a value of the wrong type is a one-line ``ConfigError`` naming the key, the source and the fix.
+
+A field may also declare the values it accepts, next to its default, so that they are checked as the config is
+read (before any model or framework is loaded)::
+
+    keep_checkpoints: int = field(default=2, metadata=at_least(1, "the newest checkpoints kept"))
 """
 
 from __future__ import annotations
@@ -12,6 +17,8 @@ import dataclasses
 import difflib
 import types
 import typing
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -20,6 +27,50 @@ import yaml
 from medvlp.errors import ConfigError
 
 T = TypeVar("T")
+
+
+# -- declared value ranges ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Check:
+    """A test a field's value must pass (``None`` always passes), and what the value must be, for the message."""
+
+    test: Callable[[Any], bool]
+    need: str
+
+
+def check(test: Callable[[Any], bool], need: str) -> dict[str, Check]:
+    """Field metadata declaring the accepted values: ``field(default=..., metadata=check(test, "must be ..."))``."""
+    return {"check": Check(test, need)}
+
+
+def _why(why: str) -> str:
+    return f" ({why})" if why else ""
+
+
+def at_least(low: float, why: str = "") -> dict[str, Check]:
+    """A number ``>= low``."""
+    return check(lambda v: v >= low, f"must be at least {low}{_why(why)}")
+
+
+def within(low: float, high: float, why: str = "") -> dict[str, Check]:
+    """A number in ``[low, high]``."""
+    return check(lambda v: low <= v <= high, f"must be between {low} and {high}{_why(why)}")
+
+
+def one_of(*choices: Any, why: str = "") -> dict[str, Check]:
+    """One of a fixed set of values."""
+    return check(lambda v: v in choices, f"must be one of {', '.join(map(str, choices))}{_why(why)}")
+
+
+def not_empty(why: str = "") -> dict[str, Check]:
+    """A text or path that is not empty."""
+    return check(lambda v: bool(str(v).strip()), f"must not be empty{_why(why)}")
+
+
+def _check_value(field: dataclasses.Field, value: Any, where: str) -> None:
+    rule = field.metadata.get("check")
+    if rule is not None and value is not None and not rule.test(value):
+        raise ConfigError(f"{where} = {value!r} {rule.need}")
 
 
 def _known(cls: type, key: str, where: str) -> dataclasses.Field:
@@ -111,6 +162,7 @@ def merge(config: T, values: dict[str, Any], where: str = "config", prefix: str 
             changes[field.name] = merge(current, value, where, label)
         else:
             changes[field.name] = _coerce(value, hints[field.name], f"{where}: {label}")
+            _check_value(field, changes[field.name], f"{where}: {label}")
     return dataclasses.replace(config, **changes)
 
 

@@ -24,6 +24,7 @@ cannot be read is a one-line ``DataError``, except in ``rank``, which skips it a
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -32,11 +33,13 @@ import torch
 from PIL import Image
 
 from medvlp.data.collate import stack_images
-from medvlp.data.images import ImageError, Window, open_image
+from medvlp.data.images import DEFAULT_MAX_PIXELS, ImageError, Window, open_image
+from medvlp.data.text import MAX_TEXT_CHARS, clean_text
 from medvlp.data.transforms import EvalTransform
 from medvlp.errors import DataError, MedvlpError
 
 ImageLike = str | Path | bytes | Image.Image
+log = logging.getLogger(__name__)
 
 ITM_SCORE = "ITM match probability in [0, 1] (the image-text matching head: 1 = matches the query)"
 MATCHED_SCORE = ("ITM 'matched' logit, unbounded (the reference M3AE's retrieval score: higher = matches the "
@@ -59,8 +62,10 @@ class Predictor:
 
     def __init__(self, model, tokenizer: Any, *, kind: str, max_text_len: int, task: str | None = None,
                  classes: Sequence[str] = (), aligned: bool = True, window: Window = None,
-                 frame: int | None = None, config: Any = None):
+                 frame: int | None = None, config: Any = None, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 max_text_chars: int = MAX_TEXT_CHARS):
         self.model, self.tokenizer, self.config = model.eval(), tokenizer, config
+        self.max_pixels, self.max_text_chars = max_pixels, max_text_chars  # input limits (decoded pixels, text)
         self.kind, self.task, self.classes = kind, task, list(classes)
         self.aligned = aligned  # whether the global embeddings were trained to match image and text
         self.max_text_len, self.window, self.frame = max_text_len, window, frame
@@ -74,7 +79,7 @@ class Predictor:
         else:
             source = Path(image) if isinstance(image, (str, Path)) else image
             try:
-                data = open_image(source, window=self.window, frame=self.frame)
+                data = open_image(source, window=self.window, frame=self.frame, max_pixels=self.max_pixels)
             except ImageError as e:
                 where = source if isinstance(source, Path) else "the image bytes"
                 raise DataError(f"{where}: cannot read the image ({e}); {image_fix(e)}") from None
@@ -82,9 +87,17 @@ class Predictor:
 
     def tokens(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Token ids and attention mask [N, L] of ``texts`` (padded to the longest, cut at the run's length)."""
-        encoding = self.tokenizer(list(texts), truncation=True, max_length=self.max_text_len, padding="longest",
+        encoding = self.tokenizer([self.text(t) for t in texts], truncation=True, max_length=self.max_text_len, padding="longest",
                                   return_tensors="pt")
         return encoding["input_ids"], encoding["attention_mask"]
+
+    def text(self, text: str) -> str:
+        """A question, text or query as the model reads it: control characters removed, length bounded (a line
+        says what was changed)."""
+        cleaned, notes = clean_text(text, self.max_text_chars)
+        if notes:
+            log.warning("the text %r...: %s", cleaned[:40], ", ".join(notes))
+        return cleaned
 
     def batch(self, images: Sequence[ImageLike | torch.Tensor], texts: Sequence[str]) -> dict[str, torch.Tensor]:
         """The model's input for image-text pairs: ``pixels``, ``input_ids``, ``attention_mask``. Images are

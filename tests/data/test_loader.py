@@ -23,6 +23,7 @@ def test_stream_resumes_exactly_and_splits_across_ranks():
     resumed = StreamSampler(10, 4, 6, seed=3)
     resumed.start_batch = 2
     assert list(resumed) == full[8:]
+    assert len(resumed) == len(full)  # the loop counts the batches before the checkpoint: the stream's length
     ranks = [list(StreamSampler(10, 4, 3, seed=3, rank=r, world_size=2)) for r in (0, 1)]
     assert sorted(k for rank in ranks for k, _ in rank) == list(range(24))
     assert [k for k, _ in ranks[1][:4]] == [4, 5, 6, 7]  # global batch 1 goes to rank 1

@@ -257,6 +257,12 @@ def test_exported_encoders_start_another_run_with_their_weights(tmp_path, capsys
     assert load_tokenizer(paths["tokenizer"])("a lesion")["input_ids"] == tokenizer("a lesion")["input_ids"]
     assert main(["export", str(run), "--out", str(tmp_path / "export")]) == 2
     assert "already exists; export into another folder" in capsys.readouterr().err
+    weights = paths["vision"] / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-10] ^= 0xFF  # a flipped bit in the tensors: caught by the checksum export wrote beside them
+    weights.write_bytes(bytes(data))
+    with pytest.raises(MedvlpError, match="vision/model.safetensors: does not match its checksum"):
+        build_model(with_tokenizer(follow.model, tokenizer))
 
 
 def test_itm_breakdown_groups_every_negative_by_what_it_shares(tmp_path, monkeypatch, capsys):

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from medvlp.data.images import ImageError, Window
+from medvlp.data.images import ImageError, Window, check_pixels
 from medvlp.errors import ConfigError
 
 MAGIC_OFFSET, MAGIC = 128, b"DICM"
@@ -104,7 +104,8 @@ def _to_8bit(pixels: np.ndarray, window: tuple[float, float] | None) -> np.ndarr
     return np.clip(np.round(scaled), 0, 255).astype(np.uint8)
 
 
-def dicom_to_image(source: Path | str | bytes, window: Window = None, frame: int | None = None) -> Image.Image:
+def dicom_to_image(source: Path | str | bytes, window: Window = None, frame: int | None = None, *,
+                   max_pixels: int | None = None) -> Image.Image:
     """A DICOM file as an 8-bit "L" (grey) or "RGB" image; see the module's docstring for the steps.
 
     Raises ``ImageError`` for a file that is not a readable DICOM image (no pixel data, an undecodable
@@ -121,6 +122,8 @@ def dicom_to_image(source: Path | str | bytes, window: Window = None, frame: int
         raise ImageError(f"not a readable DICOM file ({e})") from None
     if "PixelData" not in ds:
         raise ImageError("DICOM file without pixel data (a report or structure set, not an image)")
+    if max_pixels is not None:  # from the header, before the pixel data is decoded
+        check_pixels(int(ds.get("Columns", 0) or 0), int(ds.get("Rows", 0) or 0), max_pixels)
     try:
         pixels = ds.pixel_array
     except Exception as e:  # pydicom raises several kinds for missing decoders and damaged data

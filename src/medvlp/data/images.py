@@ -21,6 +21,9 @@ from medvlp.data.records import StoredImage
 Window = str | tuple[float, float] | None  # a DICOM display window: see dicom.dicom_to_image
 
 Image.MAX_IMAGE_PIXELS = 20_000 * 20_000  # whole-slide scale; anything larger is refused, not decoded
+# What medvlp decodes by default (8k x 8k, 67 Mpx: more than a CT slice or a chest X-ray needs); the size is read
+# from the file's header first, so a small file that claims a huge image costs nothing
+DEFAULT_MAX_PIXELS = 8192 * 8192
 
 
 class ImageError(ValueError):
@@ -63,13 +66,24 @@ def _is_grey(image: Image.Image, tolerance: int = 2) -> bool:
                 and np.abs(pixels[..., 0] - pixels[..., 2]).max() <= tolerance)
 
 
-def decode(data: bytes) -> Image.Image:
-    """Decode and fully load an image (so a truncated file fails here, not in a training worker)."""
+def check_pixels(width: int, height: int, max_pixels: int) -> None:
+    """Refuse an image of more than ``max_pixels`` pixels, before it is decoded."""
+    if width * height > max_pixels:
+        raise ImageError(f"{width}x{height} pixels ({width * height / 1e6:.0f} Mpx), more than max_pixels="
+                         f"{max_pixels} ({max_pixels / 1e6:.0f} Mpx); shrink the image or raise max_pixels")
+
+
+def decode(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Decode and fully load an image (so a truncated file fails here, not in a training worker); one of more
+    than ``max_pixels`` pixels is refused from its header, before decoding."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))
+            check_pixels(*image.size, max_pixels)
             image.load()
+    except ImageError:
+        raise
     except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise ImageError("not a readable image (unknown format, or too large)") from None
     except (OSError, SyntaxError, ValueError) as e:
@@ -89,29 +103,30 @@ def _read(source: Path | str | bytes) -> bytes:
 
 
 def _decode_any(data: bytes, source: Path | str | bytes, window: Window,
-                frame: int | None) -> tuple[Image.Image, str]:
+                frame: int | None, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[Image.Image, str]:
     """The decoded image and its format; DICOM (by its magic, or a ``.dcm`` name) goes through ``dicom.py``."""
     from medvlp.data import dicom  # imports this module
 
     if dicom.is_dicom(data) or (not isinstance(source, bytes) and Path(source).suffix.lower() == ".dcm"):
-        return dicom.dicom_to_image(data, window, frame), "dicom"
-    image = decode(data)
+        return dicom.dicom_to_image(data, window, frame, max_pixels=max_pixels), "dicom"
+    image = decode(data, max_pixels)
     return image, (image.format or "").lower()
 
 
-def open_image(source: Path | str | bytes, *, window: Window = None, frame: int | None = None) -> Image.Image:
+def open_image(source: Path | str | bytes, *, window: Window = None, frame: int | None = None,
+               max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Any image file medvlp reads (path or bytes: JPEG, PNG, ... or DICOM) as an 8-bit "L" or "RGB" image.
 
     ``window`` and ``frame`` apply to DICOM only (see ``dicom.dicom_to_image``: a preset such as ``"lung"``,
     ``"minmax"`` or ``(center, width)``; the frame of a multi-frame file, the middle one by default).
-    Raises ``ImageError`` with a one-line reason for anything unreadable.
+    Raises ``ImageError`` with a one-line reason for anything unreadable or larger than ``max_pixels``.
     """
     data = _read(source)
-    return to_standard_mode(_decode_any(data, source, window, frame)[0])
+    return to_standard_mode(_decode_any(data, source, window, frame, max_pixels)[0])
 
 
 def load_image(source: Path | bytes, max_short_side: int = 512, *, window: Window = None,
-               frame: int | None = None) -> tuple[StoredImage, str | None]:
+               frame: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[StoredImage, str | None]:
     """Read an image file (or bytes) for storing. Returns the stored image and a note on what was converted.
 
     ``max_short_side`` bounds the shorter side (0 keeps the size): fine-tuning crops at most 384 pixels, and a
@@ -119,7 +134,7 @@ def load_image(source: Path | bytes, max_short_side: int = 512, *, window: Windo
     ``open_image``) and stored as PNG.
     """
     data = _read(source)
-    image, original_format = _decode_any(data, source, window, frame)
+    image, original_format = _decode_any(data, source, window, frame, max_pixels)
     original_mode = "DICOM" if original_format == "dicom" else image.mode
     converted = to_standard_mode(image)
     unchanged = converted is image and original_format != "dicom"

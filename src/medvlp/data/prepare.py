@@ -16,10 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from medvlp.config import to_dict
-from medvlp.data.images import ImageError, load_image
+from medvlp.config import at_least, to_dict
+from medvlp.data.images import DEFAULT_MAX_PIXELS, ImageError, load_image
 from medvlp.data.records import DatasetWriter, split_order
-from medvlp.data.text import normalize_answer, normalize_answer_type
+from medvlp.data.text import MAX_TEXT_CHARS, clean_text, normalize_answer, normalize_answer_type
 from medvlp.errors import ConfigError, DataError
 
 
@@ -32,6 +32,10 @@ class PrepareConfig:
     seed: int = 0
     max_bad_fraction: float = 0.05  # fail when more than this fraction of records is bad
     max_short_side: int = 512  # bound on the stored images' shorter side; 0 keeps the original size
+    # images above this many pixels (width x height, read from the header) are refused before decoding
+    max_pixels: int = field(default=DEFAULT_MAX_PIXELS, metadata=at_least(1))
+    # longer texts (captions, questions) are cut to this many characters, and counted
+    max_text_chars: int = field(default=MAX_TEXT_CHARS, metadata=at_least(1))
     options: dict[str, Any] = field(default_factory=dict)  # reader-specific settings
 
     def validate(self) -> None:
@@ -105,16 +109,25 @@ class Tally:
             )
 
 
-def _check_fields(family: str, example: Example) -> tuple[dict[str, Any], Bad | None]:
-    """The family's fields, normalised, or the reason the record is unusable."""
+def _check_fields(family: str, example: Example, max_chars: int = MAX_TEXT_CHARS,
+                  altered: dict[str, int] | None = None) -> tuple[dict[str, Any], Bad | None]:
+    """The family's fields, normalised (texts cleaned by ``clean_text``, what it changed counted in
+    ``altered``), or the reason the record is unusable."""
     f = dict(example.fields)
+    altered = {} if altered is None else altered
 
     def bad(what: str, fix: str) -> tuple[dict[str, Any], Bad]:
         return f, Bad(example.where, what, fix)
 
+    def clean(value: Any) -> str:
+        cleaned, notes = clean_text(value, max_chars)
+        for note in notes:
+            altered[note] = altered.get(note, 0) + 1
+        return cleaned
+
     def text(name: str) -> str:
         value = f.get(name)
-        return " ".join(str(value).split()) if value is not None else ""
+        return clean(value) if value is not None else ""
 
     if family == "vqa":
         f["question"] = text("question")
@@ -124,11 +137,11 @@ def _check_fields(family: str, example: Example) -> tuple[dict[str, Any], Bad | 
         f["answer_type"] = normalize_answer_type(raw_type)
         if f["answer_type"] is None:
             return bad(f"unknown answer type {raw_type!r}", "use OPEN or CLOSED")
-        f["answer"] = normalize_answer(f.get("answer")) if f.get("answer") is not None else ""
+        f["answer"] = normalize_answer(clean(f.get("answer"))) if f.get("answer") is not None else ""
         if not f["answer"]:
             return bad("empty answer", "give the answer or remove the record")
     elif family == "pretrain":
-        f["captions"] = [c for c in (" ".join(str(c).split()) for c in f.get("captions") or []) if c]
+        f["captions"] = [c for c in (clean(c) for c in f.get("captions") or []) if c]
         if not f["captions"]:
             return bad("empty caption", "give the caption text or remove the record")
     elif family == "classification":
@@ -144,8 +157,9 @@ def _check_fields(family: str, example: Example) -> tuple[dict[str, Any], Bad | 
 
 def write_prepared(name: str, family: str, items: Iterable[Item], out: Path, config: PrepareConfig, *,
                    source: dict[str, Any], extra_fields: tuple[str, ...] = (),
-                   report: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Check, convert and write a reader's items as a prepared dataset; returns the manifest."""
+                   report: Callable[[str], None] | None = None, force: bool = False) -> dict[str, Any]:
+    """Check, convert and write a reader's items as a prepared dataset; returns the manifest. ``out`` may be
+    replaced when it holds a prepared dataset (or nothing); anything else only with ``force``."""
     report = report or logging.getLogger("medvlp").warning
     tally = Tally(report)
     splits: dict[str, list[dict[str, Any]]] = {}
@@ -153,7 +167,9 @@ def write_prepared(name: str, family: str, items: Iterable[Item], out: Path, con
     converted: dict[str, int] = {}
     bad_images: dict[str, str] = {}
     ids: set[tuple[str, str]] = set()
-    with DatasetWriter(out, name=name, family=family, source=source, extra_fields=extra_fields) as writer:
+    altered: dict[str, int] = {}
+    with DatasetWriter(out, name=name, family=family, source=source, extra_fields=extra_fields,
+                       force=force) as writer:
         for item in items:
             if isinstance(item, Info):
                 source[item.key] = item.value
@@ -161,7 +177,7 @@ def write_prepared(name: str, family: str, items: Iterable[Item], out: Path, con
             if isinstance(item, Bad):
                 tally.skip(item)
                 continue
-            fields, problem = _check_fields(family, item)
+            fields, problem = _check_fields(family, item, config.max_text_chars, altered)
             if problem is None and (item.split, item.id) in ids:
                 problem = Bad(item.where, f"duplicate id {item.id!r} in split {item.split!r}",
                               "give every record its own id")
@@ -191,6 +207,9 @@ def write_prepared(name: str, family: str, items: Iterable[Item], out: Path, con
         extra: dict[str, Any] = {"config": to_dict(config), "skipped": {"count": len(tally.bad), "first": [str(b) for b in tally.bad[:50]]}}
         if converted:
             extra["converted_images"] = converted
+        if altered:
+            extra["altered_texts"] = altered
+            report(f"{name}: texts altered: " + ", ".join(f"{n} {what}" for what, n in sorted(altered.items())))
         if family == "vqa":  # answer classes: train and test answers together, as M3AE does
             extra["answer_vocab"] = sorted({r["answer"] for rows in splits.values() for r in rows})
         if family == "classification":
@@ -212,7 +231,7 @@ def _store_image(writer: DatasetWriter, item: Example, config: PrepareConfig, ba
     if item.image_key in bad_images:
         return Bad(item.where, bad_images[item.image_key], "fix or replace the image file")
     try:
-        stored, note = load_image(item.image, config.max_short_side)
+        stored, note = load_image(item.image, config.max_short_side, max_pixels=config.max_pixels)
     except ImageError as e:
         shown = item.image if isinstance(item.image, Path) else item.image_key
         bad_images[item.image_key] = f"image {shown}: {e}"

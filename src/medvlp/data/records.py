@@ -11,12 +11,21 @@ Shards are uncompressed Arrow IPC files, so a reader memory-maps them and takes 
 split into memory; several DataLoader workers (each opens its own maps after the fork) and a distributed
 sampler need nothing more. Writing is atomic: everything goes to a staging directory beside the target, the
 manifest is written last, and the finished directory replaces the old one by rename, so a killed ``prepare``
-leaves either the old dataset or the new one, never half of one. Writing is deterministic, hence idempotent:
-the same input gives the same bytes and the same content hash, and an unchanged dataset is left untouched.
+leaves either the old dataset or the new one, never half of one (and a failed one, e.g. on a full disk, leaves
+no staging folder). Writing is deterministic, hence idempotent: the same input gives the same bytes and the same
+content hash (the record of when shards were last hashed, ``.verified.json``, aside), and an unchanged
+dataset is left untouched. Only a prepared dataset is ever replaced: a folder
+holding anything else is refused unless the caller forces it.
+
+Opening a split checks its shards against the manifest's SHA-256 hashes, so a damaged or edited shard is a
+one-line error, not training on garbage. Hashing is skipped for a shard whose size and modification time match
+those recorded the last time it was hashed (``.verified.json`` in the dataset; for a read-only dataset, in
+``~/.cache/medvlp``).
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -124,8 +133,9 @@ class DatasetWriter:
 
     def __init__(self, out: Path, *, name: str, family: str, source: dict[str, Any],
                  extra_fields: Sequence[str] = (), shard_rows: int = _SHARD_ROWS,
-                 shard_bytes: int = _SHARD_BYTES):
-        self.out = Path(out)
+                 shard_bytes: int = _SHARD_BYTES, force: bool = False):
+        self.out = Path(out).absolute()
+        check_replaceable(self.out, force)
         self.name, self.family, self.source = name, family, source
         self.extra_fields = tuple(extra_fields)
         self.schema = record_schema(family, self.extra_fields)
@@ -147,6 +157,10 @@ class DatasetWriter:
     def __exit__(self, exc_type, exc, tb) -> None:
         if self.stage.exists():
             shutil.rmtree(self.stage, ignore_errors=True)
+        if isinstance(exc, OSError):  # a full disk, a folder we may not write to: one line, nothing left behind
+            reason = "no space left on the disk" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
+            raise DataError(f"{self.out}: the dataset could not be written ({reason}); nothing partial was left "
+                            "behind: free space (or fix the folder's permissions) and run again") from None
 
     # -- images --------------------------------------------------------------------------------------
     def image_row(self, key: str) -> int | None:
@@ -217,6 +231,7 @@ class DatasetWriter:
         manifest["content_hash"] = digest.hexdigest()
         text = json.dumps(manifest, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
         (self.stage / MANIFEST).write_text(text, encoding="utf-8")
+        _remember_verified(self.stage, [s for e in [manifest["images"], *self._splits.values()] for s in e["shards"]])
 
         previous = self.out / MANIFEST
         if previous.exists() and previous.read_text(encoding="utf-8") == text:
@@ -227,6 +242,22 @@ class DatasetWriter:
         os.replace(self.stage, self.out)
         shutil.rmtree(old, ignore_errors=True)
         return manifest
+
+
+def check_replaceable(out: Path, force: bool = False) -> None:
+    """Refuse to write a dataset over ``out`` unless it is absent, empty, a prepared dataset (which is
+    replaced) or ``force`` says so; never the current folder or one that holds it."""
+    out = Path(out).absolute()
+    if Path.cwd().is_relative_to(out.resolve()):
+        raise DataError(f"--out {out}: the current folder (or one holding it) cannot be replaced by a dataset; "
+                        "name a new folder, e.g. --out prepared/NAME")
+    if out.exists() and not out.is_dir():
+        raise DataError(f"--out {out} is a file; name a folder for the dataset")
+    if force or not out.is_dir() or (out / MANIFEST).is_file() or not any(out.iterdir()):
+        return
+    shown = ", ".join(sorted(p.name for p in list(out.iterdir())[:3]))
+    raise DataError(f"--out {out} holds other files ({shown}, ...), not a prepared dataset; choose an empty or new "
+                    "folder, or add --force to replace it and everything in it")
 
 
 def split_order(split: str) -> tuple[int, str]:
@@ -240,6 +271,70 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+# -- verifying -------------------------------------------------------------------------------------
+VERIFIED = ".verified.json"
+_verified_here: set[tuple[str, int, int, str]] = set()  # (path, size, mtime_ns, sha256) checked in this process
+
+
+def _stamp(path: Path) -> tuple[int, int]:
+    stat = path.stat()
+    return stat.st_size, stat.st_mtime_ns
+
+
+def _verified_file(root: Path) -> Path:
+    """Where the hashing record of a dataset is kept: in it, or for a dataset folder that is not writable (a
+    shared read-only copy), in the user's cache folder."""
+    root = Path(root)
+    if os.access(root, os.W_OK):
+        return root / VERIFIED
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "medvlp"
+    return cache / f"verified-{hashlib.sha1(str(root.resolve()).encode()).hexdigest()[:16]}.json"
+
+
+def _remember_verified(root: Path, shards: list[dict[str, Any]]) -> None:
+    """Record the size and modification time at which each shard had its manifest hash (best effort: where
+    nothing can be written, the shards are simply hashed again next time)."""
+    path = _verified_file(root)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        known = json.loads(path.read_text()) if path.is_file() else {}
+        for shard in shards:
+            known[shard["file"]] = [*_stamp(Path(root) / shard["file"]), shard["sha256"]]
+        tmp = path.with_name(f"{VERIFIED}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(known, sort_keys=True))
+        os.replace(tmp, path)
+    except (OSError, ValueError):
+        pass
+
+
+def verify_shards(root: Path, shards: list[dict[str, Any]]) -> None:
+    """Check that each shard exists and has the manifest's SHA-256; a one-line ``DataError`` for the first that
+    does not. Shards whose size and modification time are as when they were last hashed are not read again."""
+    root = Path(root)
+    try:
+        record = _verified_file(root)
+        known = json.loads(record.read_text()) if record.is_file() else {}
+    except (OSError, ValueError):
+        known = {}
+    hashed = []
+    for shard in shards:
+        path, expected = root / shard["file"], shard.get("sha256")
+        if not path.is_file():
+            raise DataError(f"{path}: shard missing from the prepared dataset; prepare the dataset again")
+        if expected is None:
+            continue
+        size, mtime = _stamp(path)
+        if (str(path), size, mtime, expected) in _verified_here or known.get(shard["file"]) == [size, mtime, expected]:
+            continue
+        if _sha256(path) != expected:
+            raise DataError(f"{path}: does not match the sha256 in {root / MANIFEST} (the file was changed or "
+                            "damaged after it was prepared); prepare the dataset again")
+        _verified_here.add((str(path), size, mtime, expected))
+        hashed.append(shard)
+    if hashed:
+        _remember_verified(root, hashed)
 
 
 # -- reading -----------------------------------------------------------------------------------------
@@ -258,6 +353,16 @@ def read_manifest(root: Path) -> dict[str, Any]:
             "prepare the dataset again with this version"
         )
     return manifest
+
+
+def _open_shard(path: Path) -> pa.Table:
+    try:
+        return pa.ipc.open_file(pa.memory_map(str(path), "r")).read_all()
+    except FileNotFoundError:
+        raise DataError(f"{path}: shard missing from the prepared dataset; prepare the dataset again") from None
+    except (OSError, pa.ArrowException) as e:
+        raise DataError(f"{path}: unreadable shard ({str(e).splitlines()[0][:200]}); prepare the dataset "
+                        "again") from None
 
 
 class _Shards:
@@ -280,7 +385,7 @@ class _Shards:
     @property
     def tables(self) -> list[pa.Table]:
         if self._tables is None or self._pid != os.getpid():
-            self._tables = [pa.ipc.open_file(pa.memory_map(str(p), "r")).read_all() for p in self.paths]
+            self._tables = [_open_shard(p) for p in self.paths]
             self._pid = os.getpid()
         return self._tables
 
@@ -291,7 +396,11 @@ class _Shards:
         return self.tables[shard], row - self.starts[shard]
 
     def column(self, name: str) -> list[Any]:
-        return [v for t in self.tables for v in t.column(name).to_pylist()]
+        try:
+            return [v for t in self.tables for v in t.column(name).to_pylist()]
+        except (UnicodeDecodeError, pa.ArrowException) as e:
+            raise DataError(f"{self.paths[0].parent}: field {name!r} cannot be read ({e}); prepare the dataset "
+                            "again") from None
 
 
 class Records:
@@ -306,6 +415,7 @@ class Records:
             known = ", ".join(sorted(splits, key=split_order)) or "none"
             raise DataError(f"{self.root}: no split {split!r}; it has {known}")
         self.split, self.family = split, self.manifest["family"]
+        verify_shards(self.root, [*splits[split]["shards"], *self.manifest["images"]["shards"]])
         self._records = _Shards(self.root, splits[split]["shards"])
         self._images = _Shards(self.root, self.manifest["images"]["shards"])
 
@@ -314,7 +424,11 @@ class Records:
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         table, row = self._records.locate(i)
-        record = table.slice(row, 1).to_pylist()[0]
+        try:
+            record = table.slice(row, 1).to_pylist()[0]
+        except (UnicodeDecodeError, pa.ArrowException) as e:
+            raise DataError(f"{self.root} split {self.split} row {i}: cannot be read ({e}); prepare the dataset "
+                            "again") from None
         images, image_row = self._images.locate(record["image"])
         record["image_bytes"] = images.column("data")[image_row].as_py()
         return record

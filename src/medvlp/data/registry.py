@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from medvlp.data.prepare import PrepareConfig, Reader, write_prepared
+from medvlp.data.records import check_replaceable
 from medvlp.data.readers import medicat, melinda, roco, slake, vqa_med_2019, vqa_rad
 from medvlp.errors import DataError, MedvlpError
 
@@ -72,14 +73,16 @@ def dataset(name: str) -> DatasetSpec:
 
 
 def prepare(name: str, raw: Path, out: Path, config: PrepareConfig | None = None,
-            report: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Read a raw dataset as its publisher ships it and write it in the record format; returns the manifest."""
+            report: Callable[[str], None] | None = None, force: bool = False) -> dict[str, Any]:
+    """Read a raw dataset as its publisher ships it and write it in the record format; returns the manifest.
+    ``out`` is replaced when it holds a prepared dataset; a folder holding anything else only with ``force``."""
     spec, config = dataset(name), config or PrepareConfig()
     raw = Path(raw)
+    check_replaceable(Path(out), force)  # before reading anything
     if config.layout == "hub":  # --raw is the download cache
         raw.mkdir(parents=True, exist_ok=True)
     if not raw.is_dir():
         raise DataError(f"--raw {raw}: no such folder; point it at the unpacked {name} dataset")
     return write_prepared(spec.name, spec.family, spec.read(raw, config), Path(out), config,
                           source={"reader": spec.name, "raw": str(raw.resolve())},
-                          extra_fields=spec.extra_fields, report=report)
+                          extra_fields=spec.extra_fields, report=report, force=force)

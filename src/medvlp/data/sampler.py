@@ -4,7 +4,8 @@ Training reads one long stream of *sample keys*. Key ``k`` names pass ``k // n``
 position ``k % n`` of that pass's seeded permutation. The dataset seeds each example's randomness (crop,
 caption choice) from its key, and the collator seeds text masking from the batch's first key. So the batch at
 step ``s`` is the same whatever the number of workers, and a run resumed from a checkpoint at step ``s``
-continues with exactly the batches an uninterrupted run would have seen: the sampler simply starts there.
+continues with exactly the batches an uninterrupted run would have seen: the sampler simply starts there (its
+length stays that of the whole stream, as the training loop counts the batches before the checkpoint too).
 Under distributed training, global batch ``b`` goes to rank ``b % world_size``.
 """
 
@@ -30,7 +31,10 @@ class StreamSampler(Sampler[tuple[int, int]]):
         self._perm: tuple[int, torch.Tensor] | None = None
 
     def __len__(self) -> int:
-        return max(0, self.num_batches - self.start_batch) * self.batch_size
+        """The whole stream's length, the batches before ``start_batch`` included: a resumed training loop
+        (Lightning's) counts the batches it already ran from its checkpoint and stops at this length, so a
+        length that shrank by ``start_batch`` would end the run ``start_batch`` steps early."""
+        return self.num_batches * self.batch_size
 
     def permutation(self, epoch: int) -> torch.Tensor:
         if self._perm is None or self._perm[0] != epoch:

@@ -912,7 +912,25 @@ def corpus_ready(out: Path, config: SynthConfig) -> bool:
 
 
 def ensure_corpus(out: Path, config: SynthConfig) -> Path:
-    """``out`` holding the corpus of ``config``: generated unless an identical one is already there."""
-    if not corpus_ready(out, config):
+    """``out`` holding the corpus of ``config``: generated unless an identical one is already there. A corpus
+    made with other settings is never replaced behind the user's back: that is a one-line ``DataError``."""
+    settings = {k: v for k, v in to_dict(config).items() if k != "workers"}
+    present = 0
+    for family in FAMILIES:
+        try:
+            source = read_manifest(out / family)["source"]
+        except DataError:
+            continue  # absent (generated now) or not a dataset (the writer refuses to replace it)
+        have = source.get("synth")
+        if not isinstance(have, dict):
+            raise DataError(f"{out / family} holds a prepared dataset that is not the synthetic corpus; point the "
+                            "synthetic_dir setting at another folder")
+        if have != settings:
+            differ = ", ".join(f"{k}={have.get(k)} there, {v} asked" for k, v in settings.items()
+                               if have.get(k) != v)
+            raise DataError(f"{out} holds a synthetic corpus made with other settings ({differ}); point the "
+                            f"synthetic_dir setting at another folder, or delete {out} to make it anew")
+        present += 1
+    if present < len(FAMILIES):
         generate(out, config)
     return out

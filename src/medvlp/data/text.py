@@ -1,4 +1,5 @@
-"""Normalisation of the short texts that datasets disagree on: answers and answer types."""
+"""Normalisation of texts: any text read from a dataset or a user (control characters out, bounded length), and
+the short texts that datasets disagree on: answers and answer types."""
 
 from __future__ import annotations
 
@@ -6,6 +7,26 @@ import re
 from typing import Any
 
 _SPACE = re.compile(r"\s+")
+# C0 and C1 control characters (NUL, escape sequences, ...) and the bidirectional overrides that reorder what
+# a reader sees; tabs and line breaks are whitespace and become single spaces
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+MAX_TEXT_CHARS = 4096  # far beyond what a text encoder reads (64 to 512 tokens), far below a runaway field
+
+
+def clean_text(value: Any, max_chars: int = MAX_TEXT_CHARS) -> tuple[str, list[str]]:
+    """A text as medvlp stores and reads it: control characters removed, whitespace runs as one space, at most
+    ``max_chars`` characters. Returns the text and what was changed (``"control characters removed"``,
+    ``"cut to N characters"``), for counting and reporting."""
+    text = "" if value is None else str(value)
+    notes = []
+    if _CONTROL.search(text):
+        text = _CONTROL.sub(" ", text)
+        notes.append("control characters removed")
+    text = " ".join(text.split())
+    if len(text) > max_chars:
+        text = text[:max_chars].rstrip()
+        notes.append(f"cut to {max_chars} characters")
+    return text, notes
 _SPACE_BEFORE_PUNCT = re.compile(r"\s+([,;:!?.])")
 
 

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import pickle
 import re
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +25,7 @@ from transformers.models.auto.modeling_auto import MODEL_MAPPING
 from transformers.utils import logging as hf_logging
 
 from medvlp.errors import ConfigError
+from medvlp.integrity import verify_checksum
 from medvlp.models.config import TextConfig, VisionConfig
 
 VISION_MODEL_TYPES = ("clip", "clip_vision_model")
@@ -97,6 +100,8 @@ def _resolve_source(source: str, field: str, expected: str) -> str:
         if not (path / "config.json").is_file():
             raise ConfigError(f"{field}: {source} has no config.json; expected a {expected} checkpoint directory "
                               "written by save_pretrained")
+        for weights in path.glob("*.safetensors"):
+            verify_checksum(weights)  # where a checksum was written beside them (medvlp export)
         return str(path)
     if _HUB_ID.match(source):
         return source
@@ -135,10 +140,16 @@ def _quiet_transformers() -> Iterator[None]:
 
 
 def _from_pretrained(cls: type, source: str, field: str, **kwargs) -> PreTrainedModel:
-    with _quiet_transformers():
+    with _quiet_transformers(), warnings.catch_warnings():
+        # torch's safe unpickler notes the protocol of every pickled .bin; the refusal below says what matters
+        warnings.filterwarnings("ignore", message="Detected pickle protocol")
         try:
             model, info = cls.from_pretrained(source, dtype=torch.float32, output_loading_info=True, **kwargs)
-        except (OSError, ValueError, RuntimeError) as error:
+        except pickle.UnpicklingError:
+            raise ConfigError(f"{field}: {source} holds pickled weights (pytorch_model.bin) that hold more than "
+                              "tensors; medvlp never runs pickled code: save them as model.safetensors with a "
+                              "tool you trust") from None
+        except (OSError, ValueError, RuntimeError, EOFError) as error:
             raise ConfigError(f"{field}: cannot load weights from {source} ({_first_line(error)})") from None
     missing = info.get("missing_keys") or []
     if missing:

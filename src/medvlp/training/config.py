@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from medvlp.config import load_config
+from medvlp.config import at_least, check, load_config, not_empty, one_of, within
 from medvlp.data.synth_config import SynthConfig
 from medvlp.errors import ConfigError
 from medvlp.models.config import ModelConfig, model_config, model_size_of
@@ -27,28 +27,44 @@ def check_crop_scale(scale: tuple[float, float], key: str) -> None:
         raise ConfigError(f"{key} = [{low}, {high}]: need 0 < low <= high <= 1 (fractions of the area)")
 
 
+PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true", "32", "16", "bf16",
+              "64")
+
+
+def _devices_ok(value: str) -> bool:
+    """Lightning's ``devices``: auto, a count (-1: all), or a comma-separated list of device indices."""
+    parts = [p.strip() for p in str(value).split(",") if p.strip()]
+    if value == "auto" or (len(parts) == 1 and parts[0] == "-1"):
+        return True
+    return bool(parts) and all(p.isdigit() for p in parts) and ("," in str(value) or int(parts[0]) >= 1)
+
+
 @dataclass
 class TrainerConfig:
-    max_steps: int = 500
-    accumulate: int = 1
-    precision: str = "auto"  # bf16-mixed where bf16 matrix work is fast (GPU, CPU with AMX), else 32-true
+    max_steps: int = field(default=500, metadata=at_least(1))
+    accumulate: int = field(default=1, metadata=at_least(1, "batches per optimiser step"))
+    # bf16-mixed where bf16 matrix work is fast (GPU, CPU with AMX), else 32-true
+    precision: str = field(default="auto", metadata=one_of(*PRECISIONS))
     accelerator: str = "auto"
-    devices: str = "auto"
+    devices: str = field(default="auto", metadata=check(
+        _devices_ok, "must be auto, a device count of at least 1 (-1: all) or device indices such as 0,1"))
     strategy: str = "auto"  # "ddp", "fsdp", ... from Lightning
-    num_nodes: int = 1
-    seed: int = 0
-    val_every: int = 100  # steps between validations
-    val_batches: int = 4  # pre-training validates on this many batches; fine-tuning on the whole split
-    checkpoint_every: int = 100
-    keep_checkpoints: int = 2
-    log_every: int = 10
-    pictures: int = 4  # held-out samples in each pre-training validation picture
+    num_nodes: int = field(default=1, metadata=at_least(1))
+    seed: int = field(default=0, metadata=at_least(0))
+    val_every: int = field(default=100, metadata=at_least(1, "steps between validations"))
+    # pre-training validates on this many batches; fine-tuning on the whole split
+    val_batches: int = field(default=4, metadata=at_least(1))
+    checkpoint_every: int = field(default=100, metadata=at_least(0, "steps between checkpoints; 0: only at the end"))
+    keep_checkpoints: int = field(default=2, metadata=at_least(1, "the newest checkpoints kept"))
+    log_every: int = field(default=10, metadata=at_least(1))
+    pictures: int = field(default=4, metadata=at_least(0))  # held-out samples in each pre-training validation picture
     progress_bar: bool = True
 
 
 @dataclass
 class OptimConfig:
-    lr: float = 1e-4  # encoders' learning rate
+    lr: float = field(default=1e-4, metadata=check(  # encoders' learning rate
+        lambda v: 0 < v < 1, "must be above 0 and below 1 (AdamW trains at 1e-6 to 1e-2)"))
     head_lr_mult: float = 5.0  # fusion module and heads
     classifier_lr_mult: float | None = None  # the downstream classifier, new when fine-tuning (None: head_lr_mult)
     weight_decay: float = 0.01
@@ -119,20 +135,22 @@ class DataConfig:
     e.g. ROCO + MedICaT); empty means the built-in synthetic corpus, generated into ``synthetic_dir``."""
 
     train: list[str] = field(default_factory=list)
-    synthetic_dir: str = "runs/data/synthetic"
+    synthetic_dir: str = field(default="runs/data/synthetic", metadata=not_empty("where the synthetic corpus goes"))
     synthetic: SynthConfig = field(default_factory=SynthConfig)
     tokenizer: str | None = None  # a tokenizer directory or hub id; None trains a BPE on the captions
-    vocab_size: int = 4096  # of the trained tokenizer
-    max_text_len: int = 64
-    batch_size: int = 32
-    num_workers: int = 2
-    max_bad_fraction: float = 0.01  # of training samples whose image cannot be read, before the run stops
+    # of the trained tokenizer
+    vocab_size: int = field(default=4096, metadata=at_least(261, "256 bytes + 5 special tokens"))
+    max_text_len: int = field(default=64, metadata=at_least(1))
+    batch_size: int = field(default=32, metadata=at_least(1))
+    num_workers: int = field(default=2, metadata=at_least(0, "0 reads in the training process"))
+    # of training samples whose image cannot be read, before the run stops
+    max_bad_fraction: float = field(default=0.01, metadata=within(0, 1, "a fraction of the samples"))
     crop_scale: tuple[float, float] = (0.5, 1.0)  # area range of the random resized crops
 
 
 @dataclass
 class PretrainConfig:
-    run_dir: str = "runs/pretrain"
+    run_dir: str = field(default="runs/pretrain", metadata=not_empty("the run folder"))
     model_size: str = "tiny"
     model: ModelConfig = field(default_factory=lambda: model_config("tiny"))
     tasks: TasksConfig = field(default_factory=TasksConfig)
@@ -174,22 +192,22 @@ class FinetuneConfig:
     task: str = "vqa"  # vqa | classification | retrieval
     data: str | None = None  # a prepared dataset of the task's family; null: the synthetic corpus's
     init: str | None = None
-    run_dir: str = "runs/finetune"
+    run_dir: str = field(default="runs/finetune", metadata=not_empty("the run folder"))
     model_size: str = "tiny"
     model: ModelConfig = field(default_factory=lambda: model_config("tiny"))  # used when init is null
     image_size: int | None = None  # fine-tuning image size; null: 80 for tiny, 384 for base
     tokenizer: str | None = None  # null: init's tokenizer, else a BPE trained on the training texts
-    vocab_size: int = 4096
-    synthetic_dir: str = "runs/data/synthetic"
+    vocab_size: int = field(default=4096, metadata=at_least(261, "256 bytes + 5 special tokens"))
+    synthetic_dir: str = field(default="runs/data/synthetic", metadata=not_empty("where the synthetic corpus goes"))
     synthetic: SynthConfig = field(default_factory=SynthConfig)
     label_field: str = "label"  # the record field a classification task learns (MELINDA: i_meth, p_meth, ...)
     val_fraction: float = 0.1  # of the training images held out for validation when the data has no val split
     # which split picks the best checkpoint: "val" (its own, or held out from train), or "test" to reproduce the
     # reference M3AE protocol on VQA-RAD, whose published valset.json is a copy of testset.json (selection on test)
     select_on: Literal["val", "test"] = "val"
-    max_text_len: int = 64
-    batch_size: int = 32
-    num_workers: int = 2
+    max_text_len: int = field(default=64, metadata=at_least(1))
+    batch_size: int = field(default=32, metadata=at_least(1))
+    num_workers: int = field(default=2, metadata=at_least(0, "0 reads in the training process"))
     crop_scale: tuple[float, float] = (0.9, 1.0)  # training crops: mild, a question may ask about the edge
     classes: list[str] = field(default_factory=list)  # the classifier's classes, filled from the data
     # how VQA answers of the data meet the classes: as stored ("medvlp"), or each through the reference M3AE's

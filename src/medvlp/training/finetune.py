@@ -38,7 +38,8 @@ from medvlp.data.sampler import StreamSampler
 from medvlp.data.synthetic import ensure_corpus
 from medvlp.errors import ConfigError, DataError, MedvlpError
 from medvlp.models.model import MedVLP, build_model
-from medvlp.training.checkpoint import load_weights, save_weights
+from medvlp.integrity import RunLock
+from medvlp.training.checkpoint import Checkpointer, checkpoint_step, load_weights, resume_point, save_weights
 from medvlp.training.config import (FINETUNE_IMAGE_SIZE, FinetuneConfig,  # noqa: F401 (re-exported)
                                     load_finetune_config)
 from medvlp.training.downstream import TASKS, DownstreamTask, downstream_task
@@ -202,15 +203,28 @@ class FinetuneModule(L.LightningModule):
         super().__init__()
         self.config, self.task, self.model, self.tokenizer = config, task, model, tokenizer
         self.train_data = train_data
+        self.batches_seen = 0  # training batches consumed, for resuming the sample stream
 
     def train_dataloader(self):
         c, t = self.config, self.config.trainer
         sampler = StreamSampler(len(self.train_data), c.batch_size, t.max_steps * t.accumulate, seed=t.seed,
                                 rank=self.trainer.global_rank, world_size=self.trainer.world_size)
+        sampler.start_batch = self.batches_seen
         return make_loader(self.train_data, collator(c, self.tokenizer), batch_size=c.batch_size, sampler=sampler,
                            num_workers=c.num_workers)
 
+    def on_train_batch_start(self, batch: dict[str, Any], batch_idx: int) -> None:
+        # dropout seeded per batch, as in pre-training: a resumed run draws what an uninterrupted one would
+        torch.manual_seed(self.config.trainer.seed * 1_000_003 + self.batches_seen)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["medvlp"] = {"batches_seen": self.batches_seen}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.batches_seen = checkpoint.get("medvlp", {}).get("batches_seen", 0)
+
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
+        self.batches_seen += 1
         if batch["n"] == 0:
             return None
         loss, metrics = self.task.loss(self.model, batch, self.config.retrieval)
@@ -251,9 +265,14 @@ class ModelSelection(L.Callback):
         if self.best is None or metrics[self.selection] > self.best[self.selection]:
             self.best, self.best_step = metrics, step
             if trainer.is_global_zero:
-                tmp = self.run_dir / f".{WEIGHTS}.tmp"
-                save_weights(module.model.state_dict(), tmp, {"step": str(step)})
-                tmp.replace(self.run_dir / WEIGHTS)
+                save_weights(module.model.state_dict(), self.run_dir / WEIGHTS, {"step": str(step)})
+
+    def state_dict(self) -> dict[str, Any]:
+        """The validations so far, saved in each checkpoint (``model.safetensors`` holds the best weights)."""
+        return {"best": self.best, "best_step": self.best_step, "history": self.history}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.best, self.best_step, self.history = state["best"], state["best_step"], list(state["history"])
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
         if trainer.global_step % self.every == 0 and (batch_idx + 1) % trainer.accumulate_grad_batches == 0:
@@ -279,16 +298,19 @@ def evaluation_split(root: Path, split: str | None = None) -> str:
     return next((s for s in ("test", "val", "validation") if splits.get(s, {}).get("rows")), "train")
 
 
-def finetune(config: FinetuneConfig, callbacks: Sequence[L.Callback] = ()) -> Path:
-    """Fine-tune as configured; returns the run folder (config, tokenizer, best weights, metrics, logs). A run
-    that fails before its first weights are written leaves no folder behind when this call created it."""
+def finetune(config: FinetuneConfig, callbacks: Sequence[L.Callback] = (), *, resume: bool = False) -> Path:
+    """Fine-tune as configured; returns the run folder (config, tokenizer, best weights, metrics, logs).
+    ``resume`` continues a run that was stopped from its last checkpoint (``run_dir/checkpoints``, removed
+    once the run has finished). A run that fails before it wrote weights or a checkpoint leaves no folder
+    behind when this call created it."""
     run_dir = Path(config.run_dir)
     created = not run_dir.exists()
     try:
-        return _finetune(config, callbacks)
+        with RunLock(run_dir):
+            return _finetune(config, callbacks, resume)
     except BaseException:
-        if created and run_dir.is_dir() and not (run_dir / WEIGHTS).exists():
-            shutil.rmtree(run_dir)  # only what this call wrote: a config, a tokenizer, empty logs
+        if created and run_dir.is_dir() and not any((run_dir / part).exists() for part in (WEIGHTS, "checkpoints")):
+            shutil.rmtree(run_dir)  # only what this call wrote: a config, a tokenizer, empty logs, the lock
         raise
     finally:
         collect_loaders()
@@ -300,10 +322,19 @@ def collect_loaders() -> None:
     gc.collect()
 
 
-def _finetune(config: FinetuneConfig, callbacks: Sequence[L.Callback]) -> Path:
+def _finetune(config: FinetuneConfig, callbacks: Sequence[L.Callback], resume: bool) -> Path:
     run_dir = Path(config.run_dir)
-    if (run_dir / WEIGHTS).exists():
-        raise MedvlpError(f"{run_dir} already holds a fine-tuned model; choose another run_dir")
+    checkpoint = None
+    if resume:
+        if (run_dir / "metrics.json").is_file() and not (run_dir / "checkpoints").exists():
+            log.info("%s has finished (metrics.json): nothing to do", run_dir)
+            return run_dir
+        checkpoint = resume_point(run_dir)
+        if checkpoint is not None:
+            log.info("resuming %s from step %d of %d", run_dir, checkpoint_step(checkpoint), config.trainer.max_steps)
+    elif (run_dir / WEIGHTS).exists() or (run_dir / "checkpoints").exists():
+        raise MedvlpError(f"{run_dir} already holds a fine-tuned model; continue a stopped run with --resume or "
+                          "choose another run_dir")
     config.validate()
     task = downstream_task(config.task)
     L.seed_everything(config.trainer.seed, verbose=False)
@@ -338,7 +369,11 @@ def _finetune(config: FinetuneConfig, callbacks: Sequence[L.Callback]) -> Path:
         yield from train_full.records.column(field_name)
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    model, tokenizer = initial_model(config, config.classes, texts)
+    start = config
+    if checkpoint is not None and not config.tokenizer and (run_dir / "tokenizer" / "tokenizer.json").is_file():
+        # the tokenizer this run trained (or took from init) at its start, not a new one
+        start = dataclasses.replace(config, tokenizer=str(run_dir / "tokenizer"))
+    model, tokenizer = initial_model(start, config.classes, texts)
     config.model, config.image_size = model.cfg, model.cfg.image_size
     save_config(config, run_dir / "config.yaml")
     if not (run_dir / "tokenizer" / "tokenizer.json").is_file():
@@ -347,9 +382,12 @@ def _finetune(config: FinetuneConfig, callbacks: Sequence[L.Callback]) -> Path:
     val_loader = eval_loader(config, tokenizer, val)
     selection = ModelSelection(lambda m: task.evaluate(m, val_loader, val, config.retrieval), task.selection,
                                run_dir, config.trainer.val_every)
-    trainer = build_trainer(run_dir, config.trainer, grad_clip=config.optim.grad_clip,
-                            callbacks=[selection, *callbacks], validate=False)
-    trainer.fit(FinetuneModule(config, task, model, tokenizer, train), weights_only=True)
+    t = config.trainer
+    checkpointer = Checkpointer(run_dir / "checkpoints", t.checkpoint_every, t.keep_checkpoints)
+    trainer = build_trainer(run_dir, t, grad_clip=config.optim.grad_clip,
+                            callbacks=[selection, checkpointer, *callbacks], validate=False)
+    trainer.fit(FinetuneModule(config, task, model, tokenizer, train), ckpt_path=checkpoint and str(checkpoint),
+                weights_only=True)
     if not trainer.is_global_zero:
         return run_dir
     metrics = evaluate_run(run_dir)
@@ -357,6 +395,7 @@ def _finetune(config: FinetuneConfig, callbacks: Sequence[L.Callback]) -> Path:
                "val": selection.best, **metrics,
                "val_history": selection.history}
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
+    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # finished: the best weights are model.safetensors
     return run_dir
 
 

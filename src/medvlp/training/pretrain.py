@@ -52,7 +52,8 @@ from medvlp.models.config import ModelConfig
 from medvlp.models.model import MedVLP, build_model
 from medvlp.objectives import (hard_negatives, itc_loss, itm_batch, itm_loss, local_alignment_loss, mim_loss,
                                mlm_loss, random_negatives)
-from medvlp.training.checkpoint import Checkpointer, resolve_checkpoint
+from medvlp.integrity import RunLock, write_checksum
+from medvlp.training.checkpoint import Checkpointer, checkpoint_step, resolve_checkpoint, resume_point
 from medvlp.training.config import (SIZE_OPTIM, DataConfig, PretrainConfig, TasksConfig,  # noqa: F401 (re-exported)
                                     load_pretrain_config)
 from medvlp.training.optim import build_optimizer, build_schedule
@@ -146,6 +147,7 @@ class PretrainModule(L.LightningModule):
         self.train_data, self.val_data = train_data, val_data
         self.batches_seen = 0  # training batches consumed, for resuming the sample stream
         self.samples = self.bad_samples = 0
+        self.last_validation: dict[str, float] = {}  # the latest validation's figures, for metrics.json
         self.run_dir = Path(config.run_dir)
 
     # data
@@ -212,15 +214,21 @@ class PretrainModule(L.LightningModule):
             save_pretrain_picture(self.run_dir / "pictures" / f"step-{self.global_step:06d}.png", self.model,
                                   batch, outputs, self.tokenizer, self.config.trainer.pictures)
 
-    # state for resuming the stream
+    def on_validation_epoch_end(self) -> None:
+        if not self.trainer.sanity_checking:
+            self.last_validation = {k: round(v.item(), 4) for k, v in self.trainer.callback_metrics.items()
+                                    if k.startswith("val/")}
+
+    # state for resuming the stream (and the figures of the latest validation, which a resumed run reports)
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["medvlp"] = {"batches_seen": self.batches_seen, "samples": self.samples,
-                                "bad_samples": self.bad_samples}
+                                "bad_samples": self.bad_samples, "last_validation": self.last_validation}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("medvlp", {})
         self.batches_seen = state.get("batches_seen", 0)
         self.samples, self.bad_samples = state.get("samples", 0), state.get("bad_samples", 0)
+        self.last_validation = dict(state.get("last_validation", {}))
 
     def configure_optimizers(self):
         optimizer = build_optimizer(self.model, self.config.optim)
@@ -282,31 +290,37 @@ def pretrain(config: PretrainConfig, *, resume: bool = False, callbacks: Sequenc
 
 def _pretrain(config: PretrainConfig, resume: bool, callbacks: Sequence[L.Callback]) -> Path:
     run_dir = Path(config.run_dir)
-    checkpoint = None
-    if resume:
-        checkpoint = resolve_checkpoint(run_dir)
-    elif (run_dir / "checkpoints").exists():
-        raise MedvlpError(f"{run_dir} already holds a run; continue it with --resume or choose another run_dir")
-    L.seed_everything(config.trainer.seed, verbose=False)
-    roots, _ = training_data(config)
-    tokenizer = prepare_tokenizer(config, roots)
-    config.model = with_tokenizer(config.model, tokenizer)
-    config.validate()
-    save_config(config, run_dir / "config.yaml")
+    with RunLock(run_dir):
+        checkpoint = None
+        if resume and (checkpoint := resume_point(run_dir)) is not None:
+            step = checkpoint_step(checkpoint)
+            if step >= config.trainer.max_steps:
+                log.info("%s finished at step %d (trainer.max_steps=%d): nothing to do; raise trainer.max_steps to "
+                         "train further", run_dir, step, config.trainer.max_steps)
+                return run_dir
+            log.info("resuming %s from step %d of %d", run_dir, step, config.trainer.max_steps)
+        elif not resume and (run_dir / "checkpoints").exists():
+            raise MedvlpError(f"{run_dir} already holds a run; continue it with --resume or choose another run_dir")
+        L.seed_everything(config.trainer.seed, verbose=False)
+        roots, _ = training_data(config)
+        tokenizer = prepare_tokenizer(config, roots)
+        config.model = with_tokenizer(config.model, tokenizer)
+        config.validate()
+        save_config(config, run_dir / "config.yaml")
 
-    size = config.model.image_size
-    train = Concat([FamilyDataset(r, "train", size, train=True, seed=config.trainer.seed,
-                                 crop_scale=tuple(config.data.crop_scale)) for r in roots])
-    val = Concat([FamilyDataset(r, _val_split(r), size, train=False) for r in roots])
-    module = PretrainModule(config, build_model(config.model), tokenizer, train, val)
-    t = config.trainer
-    callbacks = [Checkpointer(run_dir / "checkpoints", t.checkpoint_every, t.keep_checkpoints), *callbacks]
-    trainer = build_trainer(run_dir, t, grad_clip=config.optim.grad_clip, callbacks=callbacks, validate=True)
-    trainer.fit(module, ckpt_path=str(checkpoint) if checkpoint else None, weights_only=True)
-    if trainer.is_global_zero:
-        final = {k: round(v.item(), 4) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
-        (run_dir / "metrics.json").write_text(json.dumps({"step": trainer.global_step, **final}, indent=1) + "\n")
-    return run_dir
+        size = config.model.image_size
+        train = Concat([FamilyDataset(r, "train", size, train=True, seed=config.trainer.seed,
+                                     crop_scale=tuple(config.data.crop_scale)) for r in roots])
+        val = Concat([FamilyDataset(r, _val_split(r), size, train=False) for r in roots])
+        module = PretrainModule(config, build_model(config.model), tokenizer, train, val)
+        t = config.trainer
+        callbacks = [Checkpointer(run_dir / "checkpoints", t.checkpoint_every, t.keep_checkpoints), *callbacks]
+        trainer = build_trainer(run_dir, t, grad_clip=config.optim.grad_clip, callbacks=callbacks, validate=True)
+        trainer.fit(module, ckpt_path=str(checkpoint) if checkpoint else None, weights_only=True)
+        if trainer.is_global_zero:
+            metrics = {"step": trainer.global_step, **module.last_validation}
+            (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
+        return run_dir
 
 
 def load_run(run: Path | str) -> tuple[PretrainConfig, MedVLP, Any]:
@@ -346,6 +360,8 @@ def export_encoders(run: Path | str, out: Path | str) -> dict[str, Path]:
     _, model, tokenizer = load_run(run)
     model.vision.model.save_pretrained(paths["vision"])
     model.text.model.save_pretrained(paths["text"])
+    for weights in [*paths["vision"].glob("*.safetensors"), *paths["text"].glob("*.safetensors")]:
+        write_checksum(weights)  # checked when a run starts from them (models/encoders.py)
     tokenizer.save_pretrained(str(paths["tokenizer"]))
     return paths
 

@@ -3,6 +3,7 @@ strategy, loggers (CSV + TensorBoard under ``run_dir/logs``), safetensors checkp
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -26,8 +27,13 @@ def build_trainer(run_dir: Path, t: TrainerConfig, *, grad_clip: float, callback
     loggers = [csv, L.pytorch.loggers.TensorBoardLogger(run_dir, name="logs", version=csv.version,
                                                         default_hp_metric=False)]
     quiet_lightning()
+    # Lightning warns that a loader without state_dict() cannot resume mid-epoch; ours can: its StreamSampler
+    # starts at the batch the checkpoint's module recorded (see data/sampler.py)
+    warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
     return L.Trainer(
-        default_root_dir=run_dir, max_steps=t.max_steps, max_epochs=1, accelerator=t.accelerator,
+        default_root_dir=run_dir, max_steps=t.max_steps, max_epochs=-1,  # max_steps ends a run, also one resumed
+        # from its last step with a larger max_steps (its first pass over the stream is then already complete)
+        accelerator=t.accelerator,
         devices=t.devices, strategy=_strategy(t.strategy), num_nodes=t.num_nodes,
         precision=resolve_precision(t.precision), accumulate_grad_batches=t.accumulate,
         gradient_clip_val=grad_clip or None,
