@@ -1,5 +1,5 @@
 """Running the main job twice: a complete corpus and finished stages are reused (and it says so), an
-interrupted pre-training resumes from its checkpoint, an interrupted fine-tuning run starts again, ``--fresh``
+interrupted pre-training resumes from its checkpoint, so does an interrupted fine-tuning run, ``--fresh``
 clears only what the demo wrote; the benchmark alike. Also the progress the job prints on the way."""
 
 from __future__ import annotations
@@ -92,7 +92,7 @@ def test_fresh_removes_only_what_the_demo_wrote(tmp_path, capsys):
     assert (other / "thesis.tex").read_text() == "mine"
 
 
-def test_the_benchmark_skips_finished_runs_and_restarts_an_interrupted_one(tmp_path, monkeypatch, capsys):
+def test_the_benchmark_skips_finished_runs_and_resumes_an_interrupted_one(tmp_path, monkeypatch, capsys):
     from medvlp.evaluation.benchmark import MARKER as BENCH_MARKER
     from medvlp.evaluation.benchmark import benchmark
     from medvlp.training.finetune import FinetuneModule
@@ -113,9 +113,8 @@ def test_the_benchmark_skips_finished_runs_and_restarts_an_interrupted_one(tmp_p
     lines.clear()
     report = benchmark(None, out, tasks=["classification"], seeds=[0, 1], overrides=settings, progress=False,
                        say=lines.append)
-    assert lines == ["benchmark: classification, scratch, seed 0: interrupted earlier, starting it again "
-                     "(fine-tuning keeps no mid-run checkpoint)", "benchmark: fine-tuning classification, scratch, "
-                     "seed 1"]
+    assert lines == ["benchmark: classification, scratch, seed 0: interrupted earlier, resuming it from its last "
+                     "checkpoint", "benchmark: fine-tuning classification, scratch, seed 1"]
     assert json.loads((interrupted / "metrics.json").read_text())["val_history"][-1]["step"] == 4
 
     lines.clear()

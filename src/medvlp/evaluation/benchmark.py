@@ -2,7 +2,8 @@
 one report (``report.md``, ``report.json`` and ``curves.png``) to the output folder.
 
 A benchmark folder can be run again: runs that finished are read, not repeated (after checking they were made
-with the same settings), a run that was interrupted starts over (fine-tuning keeps no mid-run checkpoint), and
+with the same settings), a run that was interrupted resumes from its last checkpoint (``finetune(...,
+resume=True)``: it ends as an uninterrupted run would), and
 ``fresh=True`` clears what an earlier benchmark wrote there (and nothing else) first. Every run's config is
 read and checked before the first one starts, without importing torch.
 
@@ -51,7 +52,8 @@ PUBLISHED: dict[str, dict[str, dict[str, float]]] = {
 
 MARKER = "medvlp-benchmark.json"  # written first: marks the folder as a benchmark's, for ``fresh``
 OUTPUTS = ("report.md", "report.json", "curves.png")
-RUN_FILES = {"config.yaml", "tokenizer", "model.safetensors", "metrics.json", "logs"}  # what finetune writes
+RUN_FILES = {"config.yaml", "tokenizer", "model.safetensors", "model.safetensors.sha256", "metrics.json", "logs",
+             "checkpoints"}  # what finetune writes
 
 
 @dataclass
@@ -108,7 +110,7 @@ def benchmark(init: str | None, out: Path | str, *, tasks: Sequence[str] = TASKS
     return the path of ``report.md``. ``data`` maps a task to a prepared dataset (default: the synthetic
     corpus's). ``overrides`` apply to every run, or with a ``TASK:`` prefix to one task's runs
     (``retrieval:trainer.max_steps=100``). Runs already finished in ``out`` are read, not repeated; an
-    interrupted one starts over; ``fresh`` first removes what an earlier benchmark wrote to ``out``. ``say``
+    interrupted one resumes; ``fresh`` first removes what an earlier benchmark wrote to ``out``. ``say``
     (default: the log) receives one line per run saying which it is."""
     say = say or log.info
     out = Path(out)
@@ -129,13 +131,11 @@ def benchmark(init: str | None, out: Path | str, *, tasks: Sequence[str] = TASKS
             say(f"benchmark: {run.name}: finished earlier, reusing {run.run_dir}")
         else:
             if state == "interrupted":
-                say(f"benchmark: {run.name}: interrupted earlier, starting it again (fine-tuning keeps no "
-                    "mid-run checkpoint)")
-                shutil.rmtree(run.run_dir)
+                say(f"benchmark: {run.name}: interrupted earlier, resuming it from its last checkpoint")
             else:
                 say(f"benchmark: fine-tuning {run.name}")
             settings = run.settings if run.start != "scratch" or not init else [*run.settings, *scratch_like(init)]
-            finetune(load_finetune_config(None, settings))
+            finetune(load_finetune_config(None, settings), resume=state == "interrupted")
         metrics = json.loads((run.run_dir / "metrics.json").read_text())
         task = results["tasks"].setdefault(run.task, {"runs": []})
         task["runs"].append({"start": run.start, "seed": run.seed, "run_dir": str(run.run_dir), **metrics})
@@ -155,7 +155,7 @@ def benchmark(init: str | None, out: Path | str, *, tasks: Sequence[str] = TASKS
 
 def run_state(run: Run) -> str:
     """``new`` (no folder yet), ``finished`` (its metrics are written; made with the same settings, else a
-    ``MedvlpError``) or ``interrupted`` (a folder fine-tuning wrote, without metrics: safe to start again)."""
+    ``MedvlpError``) or ``interrupted`` (a folder fine-tuning wrote, without metrics: resumed)."""
     folder = run.run_dir
     if not folder.exists():
         return "new"
