@@ -26,7 +26,6 @@ from medvlp.models.config import model_config
 from medvlp.models.encoders import build_vision_encoder
 from medvlp.models.model import normalize_pixels
 
-
 CNN_LAYERS = [(3, 32, 1), (32, 64, 2), (64, 64, 1), (64, 128, 2), (128, 128, 1)]  # (inputs, outputs, stride)
 
 

@@ -19,8 +19,7 @@ from helpers import ROOT
 from safetensors.torch import load_file, save_file
 
 from medvlp.convert import convert_m3ae
-from medvlp.objectives import (classification_loss, itm_loss, mim_loss, mim_targets, mlm_loss, ranking_loss,
-                               vqa_loss)
+from medvlp.objectives import classification_loss, itm_loss, mim_loss, mim_targets, mlm_loss, ranking_loss, vqa_loss
 from medvlp.training.finetune import load_any
 
 FIXTURES = ROOT.parent / "shared" / "reference" / "m3ae"

@@ -235,7 +235,7 @@ def _seeds(text: str) -> list[int]:
 
 
 def cmd_benchmark(args: argparse.Namespace) -> None:
-    from medvlp.evaluation.benchmark import benchmark
+    from medvlp.jobs.benchmark import benchmark
 
     data = {}
     for item in args.data:

@@ -473,8 +473,9 @@ def convert_m3ae(checkpoint: Path | str, out: Path | str, *, task: str | None = 
     if task == "pretrain":
         _write_pretrain(out, model, tokenizer_ref, max_len, save_config, save_weights)
     else:
+        from medvlp.constants import WEIGHTS
         from medvlp.training.downstream import RetrievalConfig
-        from medvlp.training.finetune import WEIGHTS, FinetuneConfig
+        from medvlp.training.finetune import FinetuneConfig
 
         config = FinetuneConfig(task=task, data=str(data) if data else None, init=None, run_dir=str(out),
                                 model_size="base", model=model.cfg, image_size=model.cfg.image_size,
@@ -507,7 +508,7 @@ def _classes(root: Path, task: str, label_field: str) -> list[str]:
 
 def _write_pretrain(out: Path, model: MedVLP, tokenizer_ref: str | None, max_len: int, save_config,
                     save_weights) -> None:
-    from medvlp.training.checkpoint import LATEST, TRAINER_STATE, WEIGHTS
+    from medvlp.constants import LATEST, TRAINER_STATE, WEIGHTS
     from medvlp.training.pretrain import load_pretrain_config
 
     config = load_pretrain_config(Path(__file__).parent / "configs" / "m3ae-base.yaml", [f"run_dir={out}"])

@@ -87,7 +87,8 @@ class Predictor:
 
     def tokens(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Token ids and attention mask [N, L] of ``texts`` (padded to the longest, cut at the run's length)."""
-        encoding = self.tokenizer([self.text(t) for t in texts], truncation=True, max_length=self.max_text_len, padding="longest",
+        encoding = self.tokenizer([self.text(t) for t in texts], truncation=True, max_length=self.max_text_len,
+                                  padding="longest",
                                   return_tensors="pt")
         return encoding["input_ids"], encoding["attention_mask"]
 

@@ -49,7 +49,8 @@ def test_unusable_image_skips_its_records(raw_vqa_rad, tmp_path, damage, message
 
 
 @pytest.mark.parametrize("change, expected", [
-    ({"image_name": "../secret.jpg"}, "trainset.json record 3: field 'image_name': image name '../secret.jpg' leads outside"),
+    ({"image_name": "../secret.jpg"},
+     "trainset.json record 3: field 'image_name': image name '../secret.jpg' leads outside"),
     ({"image_name": "/etc/passwd"}, "leads outside"),
     ({"question": "   "}, "trainset.json record 3: empty question; give the question text"),
     ({"answer_type": "MAYBE"}, "trainset.json record 3: unknown answer type 'MAYBE'; use OPEN or CLOSED"),
@@ -69,7 +70,8 @@ def test_missing_field_names_the_field(raw_vqa_rad, tmp_path):
     train = [raw_vqa_rad.record(i, i % 6) for i in range(20)]
     del train[5]["answer"]
     manifest, lines = run(raw_vqa_rad(train=train), tmp_path / "out")
-    assert lines == ["skipped trainset.json record 5: missing field 'answer'; restore the field from the original release"]
+    assert lines == ["skipped trainset.json record 5: missing field 'answer'; restore the field from the original "
+                     "release"]
 
 
 def _save(image: Image.Image, fmt: str) -> bytes:

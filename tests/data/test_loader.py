@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from helpers import png_bytes
 
 from medvlp.data.collate import Collator
 from medvlp.data.loader import Concat, FamilyDataset, collate, make_loader
@@ -11,7 +12,6 @@ from medvlp.data.records import DatasetWriter, StoredImage
 from medvlp.data.registry import prepare
 from medvlp.data.sampler import StreamSampler
 from medvlp.data.tokenizer import train_tokenizer
-from helpers import png_bytes
 
 
 def test_stream_resumes_exactly_and_splits_across_ranks():

@@ -9,7 +9,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from helpers import png_bytes, prepare_reported as run
+from helpers import png_bytes
+from helpers import prepare_reported as run
 
 from medvlp.data.records import Records
 from medvlp.errors import ConfigError, DataError

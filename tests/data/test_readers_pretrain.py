@@ -7,7 +7,8 @@ import json
 from pathlib import Path
 
 import pytest
-from helpers import png_bytes, prepare_reported as run
+from helpers import png_bytes
+from helpers import prepare_reported as run
 
 from medvlp.data.records import Records
 from medvlp.data.registry import prepare
@@ -138,7 +139,8 @@ def build_medicat(root: Path, records: list[dict] | None = None, lines: list[byt
                                   if i % 3 == 0 else None) for i in range(14)]
         records += [medicat_record(100 + i, radiology=False) for i in range(4)]
     for r in records:
-        (release / "figures" / f"{r['pdf_hash']}_{r['fig_uri']}").write_bytes(png_bytes(size=24, seed=len(r["fig_uri"])))
+        figure = release / "figures" / f"{r['pdf_hash']}_{r['fig_uri']}"
+        figure.write_bytes(png_bytes(size=24, seed=len(r["fig_uri"])))
     body = lines if lines is not None else [json.dumps(r).encode() for r in records]
     (release / "s2_full_figures_oa_nonroco_combined_medical_top4_public.jsonl").write_bytes(b"\n".join(body) + b"\n")
     return root
@@ -150,11 +152,13 @@ def test_medicat_prepares_radiology_figures_with_held_out_splits(tmp_path):
     manifest, lines = run("medicat", raw, tmp_path / "out", options=options)
     assert lines == [] and manifest["family"] == "pretrain"
     assert {s: e["rows"] for s, e in manifest["splits"].items()} == {"train": 9, "val": 2, "test": 3}
-    assert manifest["source"]["not_radiology"] == 4 and manifest["source"]["held_out"] == {"val": 2, "test": 3, "seed": 0}
+    assert manifest["source"]["not_radiology"] == 4
+    assert manifest["source"]["held_out"] == {"val": 2, "test": 3, "seed": 0}
     records = {s: Records(tmp_path / "out", s) for s in ("train", "val", "test")}
     by_id = {rec["id"]: rec for split in records.values() for rec in (split[i] for i in range(len(split)))}
     first = by_id[f"{0:040x}_0-Figure1-1.png"]
-    assert first["captions"] == ["CT of patient 0 shows a mass.", "As Figure 0 shows, the mass grew.", "It was resected."]
+    assert first["captions"] == ["CT of patient 0 shows a mass.", "As Figure 0 shows, the mass grew.",
+                                 "It was resected."]
     assert by_id[f"{1:040x}_1-Figure1-1.png"]["captions"] == ["CT of patient 1 shows a mass."]  # null references
     again, _ = run("medicat", raw, tmp_path / "again", options=options)
     assert Records(tmp_path / "again", "test").column("id") == records["test"].column("id")

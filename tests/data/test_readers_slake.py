@@ -94,7 +94,8 @@ def test_built_folder_prepares(tmp_path):
 
 @pytest.mark.parametrize("change, expected", [
     ({"img_name": "xmlab7/source.jpg"}, "train.json record 3: image "),
-    ({"img_name": "../../etc/passwd"}, "train.json record 3: field 'img_name': image name '../../etc/passwd' leads outside"),
+    ({"img_name": "../../etc/passwd"},
+     "train.json record 3: field 'img_name': image name '../../etc/passwd' leads outside"),
     ({"qid": 2}, "train.json record 3: duplicate id '2' in split 'train'"),
     ({"answer_type": "yes/no"}, "train.json record 3: unknown answer type 'yes/no'; use OPEN or CLOSED"),
     ({"q_lang": None}, "train.json record 3: missing field 'q_lang'; restore the field from the SLAKE release"),
@@ -112,5 +113,6 @@ def test_non_utf8_question_file_names_the_line(tmp_path):
     text = json.dumps([record(i) for i in range(4)], indent=1).encode()
     (raw / "train.json").write_bytes(text.replace(b"lesion 2", b"l\xe9sion 2"))
     line = text[:text.index(b"lesion 2")].count(b"\n") + 1
-    with pytest.raises(DataError, match=rf"train.json line {line}: not UTF-8 text \(byte \d+\); save the file as UTF-8"):
+    expected = rf"train.json line {line}: not UTF-8 text \(byte \d+\); save the file as UTF-8"
+    with pytest.raises(DataError, match=expected):
         prepare("slake", raw, tmp_path / "out")

@@ -93,8 +93,8 @@ def test_fresh_removes_only_what_the_demo_wrote(tmp_path, capsys):
 
 
 def test_the_benchmark_skips_finished_runs_and_resumes_an_interrupted_one(tmp_path, monkeypatch, capsys):
-    from medvlp.evaluation.benchmark import MARKER as BENCH_MARKER
-    from medvlp.evaluation.benchmark import benchmark
+    from medvlp.jobs.benchmark import MARKER as BENCH_MARKER
+    from medvlp.jobs.benchmark import benchmark
     from medvlp.training.finetune import FinetuneModule
 
     data = tmp_path / "data"
@@ -178,7 +178,7 @@ def test_a_demo_folder_of_an_earlier_version_is_cleared_only_with_fresh(tmp_path
 
 
 def test_the_demo_validates_often_enough_for_curves_with_a_shape(tmp_path):
-    from medvlp.evaluation.benchmark import plan
+    from medvlp.jobs.benchmark import plan
 
     demo = plan_demo(tmp_path / "demo", None, [])
     for run in plan(None, tmp_path / "demo" / "benchmark", overrides=demo.finetune):

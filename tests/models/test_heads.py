@@ -5,8 +5,16 @@ import math
 import pytest
 import torch
 
-from medvlp.models import (AlignmentHead, MIMDecoder, MIMDecoderConfig, MLMHead, patchify, random_masking,
-                           sincos_2d, unpatchify)
+from medvlp.models import (
+    AlignmentHead,
+    MIMDecoder,
+    MIMDecoderConfig,
+    MLMHead,
+    patchify,
+    random_masking,
+    sincos_2d,
+    unpatchify,
+)
 
 
 def test_sincos_2d_values_by_hand():

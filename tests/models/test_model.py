@@ -7,8 +7,7 @@ import pytest
 import torch
 
 from medvlp.models import CLIP_MEAN, CLIP_STD, build_model, model_config, normalize_pixels, param_groups
-from medvlp.objectives import (hard_negatives, itc_loss, itm_batch, itm_loss, local_alignment_loss, mim_loss,
-                               mlm_loss)
+from medvlp.objectives import hard_negatives, itc_loss, itm_batch, itm_loss, local_alignment_loss, mim_loss, mlm_loss
 
 VOCAB = 300
 

@@ -2,8 +2,16 @@
 
 import pytest
 import torch
-from transformers import (BertConfig, BertModel, CLIPConfig, CLIPModel, CLIPVisionConfig, CLIPVisionModel,
-                          RobertaConfig, RobertaModel)
+from transformers import (
+    BertConfig,
+    BertModel,
+    CLIPConfig,
+    CLIPModel,
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    RobertaConfig,
+    RobertaModel,
+)
 
 from medvlp.errors import ConfigError
 from medvlp.models import build_model, model_config

@@ -9,8 +9,17 @@ import torch
 import torch.nn.functional as F
 
 from medvlp.models import FusionOutput, MedVLPOutput
-from medvlp.objectives import (alignment_words, gather_with_grad, gather_with_offset, hard_negatives, itc_loss,
-                               itm_loss, local_alignment_loss, local_similarity, random_negatives)
+from medvlp.objectives import (
+    alignment_words,
+    gather_with_grad,
+    gather_with_offset,
+    hard_negatives,
+    itc_loss,
+    itm_loss,
+    local_alignment_loss,
+    local_similarity,
+    random_negatives,
+)
 
 
 def outputs(**fields) -> MedVLPOutput:

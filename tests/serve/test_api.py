@@ -20,9 +20,9 @@ from PIL import Image
 pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
 
-from medvlp.serve import build
-from medvlp.serve.app import create_app
-from medvlp.serve.engine import Engine, ServeConfig
+from medvlp.serve import build  # noqa: E402 (after the skips: the serve extra may be missing)
+from medvlp.serve.app import create_app  # noqa: E402
+from medvlp.serve.engine import Engine, ServeConfig  # noqa: E402
 
 QUESTION = "is there a lesion?"
 

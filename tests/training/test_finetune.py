@@ -14,8 +14,14 @@ from medvlp import predict
 from medvlp.cli import main
 from medvlp.errors import ConfigError, DataError, MedvlpError
 from medvlp.training.checkpoint import load_weights
-from medvlp.training.finetune import (FinetuneConfig, evaluate_run, finetune, holdout_images, load_finetune_config,
-                                      load_finetuned)
+from medvlp.training.finetune import (
+    FinetuneConfig,
+    evaluate_run,
+    finetune,
+    holdout_images,
+    load_finetune_config,
+    load_finetuned,
+)
 from medvlp.training.pretrain import load_pretrain_config, pretrain
 
 SMALL = [f"{family}_{split}={n}" for family in ("pretrain", "vqa", "classification", "retrieval")

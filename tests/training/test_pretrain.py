@@ -140,7 +140,8 @@ def test_each_component_is_a_switch(switches, passes, matches, parts):
     assert {k.removesuffix("_loss") for k in logs if k.endswith("_loss")} == parts
     assert torch.isfinite(loss)
     loss.backward()
-    assert net.text.word_embeddings.weight.grad is not None and net.vision.model.embeddings.patch_embedding.weight.grad is not None
+    assert net.text.word_embeddings.weight.grad is not None
+    assert net.vision.model.embeddings.patch_embedding.weight.grad is not None
 
 
 @pytest.mark.parametrize("off", ["mlm", "mim"])

@@ -25,8 +25,14 @@ import torch
 from medvlp.errors import ConfigError, MedvlpError
 from medvlp.integrity import RunLock
 from medvlp.training import checkpoint as checkpoint_io
-from medvlp.training.checkpoint import (LATEST, TRAINER_STATE, WEIGHTS, load_trainer_state, load_weights,
-                                        resolve_checkpoint)
+from medvlp.training.checkpoint import (
+    LATEST,
+    TRAINER_STATE,
+    WEIGHTS,
+    load_trainer_state,
+    load_weights,
+    resolve_checkpoint,
+)
 from medvlp.training.finetune import finetune, load_finetune_config
 from medvlp.training.pretrain import load_pretrain_config, pretrain
 

@@ -12,17 +12,16 @@ import numpy as np
 import torch
 from transformers import PreTrainedTokenizerFast
 
+from medvlp.constants import IGNORE_INDEX
 from medvlp.data.transforms import worker_seed
 from medvlp.errors import ConfigError
-
-IGNORE_INDEX = -100
-"""Label of the positions that the MLM loss ignores (PyTorch's cross-entropy default)."""
 
 
 class Collator:
     """Turn a list of examples into a batch.
 
-    Each example is a mapping with ``"pixels"`` (``uint8 [C, S, S]``, C = 1 grey or 3 RGB) and ``"text"`` (``str``), and optionally
+    Each example is a mapping with ``"pixels"`` (``uint8 [C, S, S]``, C = 1 grey or 3 RGB) and ``"text"``
+    (``str``), and optionally
     more keys holding tensors, numbers or strings, the same keys in every example. The batch has
 
     - ``pixels``: ``uint8 [B, 1, S, S]`` when every image of the batch is grey, else ``[B, 3, S, S]`` (grey

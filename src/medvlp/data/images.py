@@ -1,7 +1,8 @@
 """Images on their way into a prepared dataset: safe paths, decoding, mode conversion, bounded size.
 
 Everything a raw dataset can throw at us (16-bit grey, CMYK, palettes, alpha, grey stored as RGB, truncated or
-corrupt files) is either converted to 8-bit grey ("L") or RGB here, or refused with an ``ImageError`` whose message says what is
+corrupt files) is either converted to 8-bit grey ("L") or RGB here, or refused with an ``ImageError`` whose message
+says what is
 wrong; the prepare pipeline counts and skips those. Stored images keep their original bytes when they are
 already a small enough 8-bit JPEG or PNG (no second lossy encoding); others are re-encoded once. DICOM files
 (recognised by their magic, not their name) are rendered to 8 bits by ``dicom.py`` and stored as PNG.

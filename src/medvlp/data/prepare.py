@@ -204,7 +204,8 @@ def write_prepared(name: str, family: str, items: Iterable[Item], out: Path, con
             splits["val"] = [r for i, r in enumerate(train) if i in chosen]
             splits["train"] = [r for i, r in enumerate(train) if i not in chosen]
 
-        extra: dict[str, Any] = {"config": to_dict(config), "skipped": {"count": len(tally.bad), "first": [str(b) for b in tally.bad[:50]]}}
+        skipped = {"count": len(tally.bad), "first": [str(b) for b in tally.bad[:50]]}
+        extra: dict[str, Any] = {"config": to_dict(config), "skipped": skipped}
         if converted:
             extra["converted_images"] = converted
         if altered:

@@ -38,7 +38,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from medvlp import __version__
+from medvlp.constants import VERSION
 from medvlp.errors import DataError
 
 SCHEMA_VERSION = 1
@@ -218,7 +218,7 @@ class DatasetWriter:
             "family": self.family,
             "extra_fields": list(self.extra_fields),
             "source": self.source,
-            "written_by": f"medvlp {__version__}",
+            "written_by": f"medvlp {VERSION}",
             "images": {"rows": len(self._image_rows), "shards": self._images.close()},
             "splits": self._splits,
             **extra,

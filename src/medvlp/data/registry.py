@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from medvlp.data.prepare import PrepareConfig, Reader, write_prepared
-from medvlp.data.records import check_replaceable
 from medvlp.data.readers import medicat, melinda, roco, slake, vqa_med_2019, vqa_rad
+from medvlp.data.records import check_replaceable
 from medvlp.errors import DataError, MedvlpError
 
 

@@ -23,13 +23,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import get_worker_info
 
+from medvlp.constants import CLIP_MEAN, CLIP_STD  # noqa: F401 (re-exported)
 from medvlp.data.images import to_standard_mode
-
-CLIP_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
-"""Per-channel mean of CLIP's image normalisation (RGB, pixel values in [0, 1])."""
-CLIP_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
-"""Per-channel standard deviation of CLIP's image normalisation (RGB, pixel values in [0, 1])."""
-
 
 
 def decode_image(data: bytes, size_hint: int | None = None) -> Image.Image:

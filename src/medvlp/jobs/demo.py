@@ -16,7 +16,7 @@ from pathlib import Path
 
 from medvlp.config import to_dict
 from medvlp.errors import MedvlpError
-from medvlp.evaluation.benchmark import plan
+from medvlp.jobs.benchmark import plan
 from medvlp.training.config import PretrainConfig, load_pretrain_config
 
 MARKER = "medvlp-demo.json"  # written first: which settings made this folder; marks it as a demo's for ``fresh``
@@ -107,7 +107,7 @@ def pretrain_state(run_dir: Path) -> str:
 def run_demo(demo: DemoPlan, *, fresh: bool = False, say: Callable[[str], None] = print) -> tuple[Path, Path]:
     """Run (or continue) the job; returns the pre-training run folder and the report's path."""
     from medvlp.data.synthetic import corpus_ready, ensure_corpus
-    from medvlp.evaluation.benchmark import benchmark
+    from medvlp.jobs.benchmark import benchmark
     from medvlp.training.pretrain import pretrain
 
     claim(demo, fresh)

@@ -19,8 +19,16 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from transformers import (AutoConfig, AutoModel, CLIPVisionConfig, CLIPVisionModel, PreTrainedConfig, PreTrainedModel,
-                          RobertaConfig, RobertaModel)
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    PreTrainedConfig,
+    PreTrainedModel,
+    RobertaConfig,
+    RobertaModel,
+)
 from transformers.models.auto.modeling_auto import MODEL_MAPPING
 from transformers.utils import logging as hf_logging
 

@@ -14,17 +14,15 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from medvlp.data.transforms import CLIP_MEAN, CLIP_STD
+from medvlp.constants import CLIP_MEAN, CLIP_STD, IGNORE_INDEX
 from medvlp.models.config import ModelConfig
-from medvlp.models.encoders import (ImageEncoding, Masking, build_text_encoder, build_vision_encoder,
-                                    random_masking)
+from medvlp.models.encoders import ImageEncoding, Masking, build_text_encoder, build_vision_encoder, random_masking
 from medvlp.models.fusion import CoAttentionFusion, FusionOutput
 from medvlp.models.heads import AlignmentHead, ClassifierHead, ITMHead, MIMDecoder, MLMHead, match_score
 
 __all__ = ["CLIP_MEAN", "CLIP_STD", "MedVLP", "MedVLPOutput", "build_model", "normalize_pixels", "param_groups",
            "patchify", "random_masking", "unpatchify"]
 
-IGNORE_INDEX = -100  # label of the text positions MLM does not predict
 
 
 

@@ -2,8 +2,16 @@
 
 Pre-training: MLM, MIM, ITM, ITC, local alignment. Fine-tuning: Med-VQA, classification, retrieval ranking."""
 
-from medvlp.objectives.align import (alignment_words, gather_with_grad, gather_with_offset, hard_negatives,
-                                     itc_loss, local_alignment_loss, local_similarity, random_negatives)
+from medvlp.objectives.align import (
+                                     alignment_words,
+                                     gather_with_grad,
+                                     gather_with_offset,
+                                     hard_negatives,
+                                     itc_loss,
+                                     local_alignment_loss,
+                                     local_similarity,
+                                     random_negatives,
+)
 from medvlp.objectives.classification import classification_loss
 from medvlp.objectives.itm import itm_batch, itm_loss, itm_negatives
 from medvlp.objectives.mim import mim_loss, mim_targets

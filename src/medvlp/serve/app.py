@@ -239,7 +239,8 @@ def create_app(engine: Engine) -> FastAPI:
 
     def need(task: str, endpoint: str) -> None:
         if engine.predictor.task != task:
-            raise RequestError(422, f"this server's run is a {engine.predictor.task or engine.kind} run; /v1/{endpoint} needs a "
+            kind = engine.predictor.task or engine.kind
+            raise RequestError(422, f"this server's run is a {kind} run; /v1/{endpoint} needs a "
                                     f"{task} run (GET /v1/model lists what it can do)")
 
     async def labelled(form: Form, text_field: str, endpoint: str) -> dict[str, Any]:

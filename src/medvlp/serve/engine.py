@@ -207,7 +207,8 @@ class Engine:
             raise MedvlpError("the gallery holds no readable image")
 
     def rank_gallery(self, text: str, chunk: int = 64) -> list[float]:
-        """ITM scores (``Predictor.itm_score``) of ``text`` with every gallery image (in gallery order): the text encoded once."""
+        """ITM scores (``Predictor.itm_score``) of ``text`` with every gallery image (in gallery order); the text
+        is encoded once."""
         tokens = self.tokens([text])
         scores: list[float] = []
         with self.context():

@@ -23,14 +23,12 @@ from lightning.pytorch.callbacks import Callback
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from medvlp.constants import LATEST, TRAINER_STATE, WEIGHTS
 from medvlp.errors import MedvlpError
 from medvlp.integrity import checksum_path, cleaned_on_failure, verify_checksum, write_checksum
 
 log = logging.getLogger(__name__)
 
-WEIGHTS = "model.safetensors"
-TRAINER_STATE = "trainer.pt"
-LATEST = "latest"
 
 
 def save_weights(state_dict: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None, *,

@@ -32,7 +32,6 @@ from medvlp.models.model import MedVLP
 from medvlp.objectives import classification_loss, hard_negatives, itc_loss, ranking_loss, vqa_loss
 from medvlp.training.config import RetrievalConfig
 
-
 Loss = Callable[[MedVLP, Mapping[str, Any], RetrievalConfig], tuple[Tensor, dict[str, Tensor]]]
 Evaluate = Callable[[MedVLP, Any, Any, RetrievalConfig], dict[str, float]]
 

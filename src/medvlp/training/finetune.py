@@ -31,24 +31,23 @@ import torch
 from torch.utils.data import Dataset
 
 from medvlp.config import load_config, save_config
+from medvlp.constants import WEIGHTS
 from medvlp.data.collate import Collator
 from medvlp.data.loader import FamilyDataset, make_loader
 from medvlp.data.records import Records, read_manifest
 from medvlp.data.sampler import StreamSampler
 from medvlp.data.synthetic import ensure_corpus
 from medvlp.errors import ConfigError, DataError, MedvlpError
-from medvlp.models.model import MedVLP, build_model
 from medvlp.integrity import RunLock
+from medvlp.models.model import MedVLP, build_model
 from medvlp.training.checkpoint import Checkpointer, checkpoint_step, load_weights, resume_point, save_weights
-from medvlp.training.config import (FINETUNE_IMAGE_SIZE, FinetuneConfig,  # noqa: F401 (re-exported)
-                                    load_finetune_config)
+from medvlp.training.config import FINETUNE_IMAGE_SIZE, FinetuneConfig, load_finetune_config  # noqa: F401 (re-exported)
 from medvlp.training.downstream import TASKS, DownstreamTask, downstream_task
 from medvlp.training.optim import build_optimizer, build_schedule
 from medvlp.training.trainer import build_trainer
 
 log = logging.getLogger(__name__)
 
-WEIGHTS = "model.safetensors"
 
 
 

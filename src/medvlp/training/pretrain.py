@@ -48,14 +48,21 @@ from medvlp.data.records import read_manifest
 from medvlp.data.sampler import StreamSampler
 from medvlp.data.synthetic import ensure_corpus
 from medvlp.errors import DataError, MedvlpError
+from medvlp.integrity import RunLock, write_checksum
 from medvlp.models.config import ModelConfig
 from medvlp.models.model import MedVLP, build_model
-from medvlp.objectives import (hard_negatives, itc_loss, itm_batch, itm_loss, local_alignment_loss, mim_loss,
-                               mlm_loss, random_negatives)
-from medvlp.integrity import RunLock, write_checksum
+from medvlp.objectives import (
+    hard_negatives,
+    itc_loss,
+    itm_batch,
+    itm_loss,
+    local_alignment_loss,
+    mim_loss,
+    mlm_loss,
+    random_negatives,
+)
 from medvlp.training.checkpoint import Checkpointer, checkpoint_step, resolve_checkpoint, resume_point
-from medvlp.training.config import (SIZE_OPTIM, DataConfig, PretrainConfig, TasksConfig,  # noqa: F401 (re-exported)
-                                    load_pretrain_config)
+from medvlp.training.config import SIZE_OPTIM, DataConfig, PretrainConfig, TasksConfig, load_pretrain_config  # noqa: F401 (re-exported)
 from medvlp.training.optim import build_optimizer, build_schedule
 from medvlp.training.trainer import build_trainer
 
@@ -326,8 +333,9 @@ def _pretrain(config: PretrainConfig, resume: bool, callbacks: Sequence[L.Callba
 def load_run(run: Path | str) -> tuple[PretrainConfig, MedVLP, Any]:
     """A pre-training run folder (or one of its ``checkpoints/step-*``) back as (config, model, tokenizer), the
     model in eval mode with the checkpoint's weights (safetensors; nothing is unpickled)."""
+    from medvlp.constants import WEIGHTS
     from medvlp.data.tokenizer import load_tokenizer
-    from medvlp.training.checkpoint import WEIGHTS, load_weights
+    from medvlp.training.checkpoint import load_weights
 
     checkpoint = resolve_checkpoint(run)
     run_dir = checkpoint.parent.parent

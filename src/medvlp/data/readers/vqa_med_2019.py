@@ -15,8 +15,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from medvlp.data.prepare import Bad, Example, Info, Item, PrepareConfig
-from medvlp.data.records import split_order
 from medvlp.data.readers.common import image_in, need_file, read_delimited, split_name
+from medvlp.data.records import split_order
 from medvlp.errors import ConfigError, DataError
 
 CATEGORIES = ("Modality", "Organ", "Plane")

@@ -3,7 +3,7 @@
 import pytest
 
 from medvlp.errors import MedvlpError
-from medvlp.evaluation.benchmark import for_task, markdown_report, summary
+from medvlp.jobs.benchmark import for_task, markdown_report, summary
 
 
 def run(start, seed, overall):

@@ -1,0 +1,1 @@
+"""User-facing jobs built on training and evaluation: the main job (``demo``) and the benchmark runner."""

@@ -1,0 +1,2 @@
+"""Training: the run configs (``config``), pre-training and fine-tuning (Lightning modules and the runs),
+checkpoints, the trainer, the optimiser and its schedule."""
