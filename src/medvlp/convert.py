@@ -420,7 +420,6 @@ def convert_m3ae(checkpoint: Path | str, out: Path | str, *, task: str | None = 
         report: called with each line to show the user.
     """
     from medvlp.config import save_config
-    from medvlp.training.checkpoint import save_weights
 
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -471,7 +470,7 @@ def convert_m3ae(checkpoint: Path | str, out: Path | str, *, task: str | None = 
     tokenizer_ref, note = _tokenizer(tokenizer, out)
     max_len = int(reference.get("max_text_len") or MAX_TEXT_LEN[task])
     if task == "pretrain":
-        _write_pretrain(out, model, tokenizer_ref, max_len, save_config, save_weights)
+        _write_pretrain(out, model, tokenizer_ref, max_len, save_config)
     else:
         from medvlp.constants import WEIGHTS
         from medvlp.training.downstream import RetrievalConfig
@@ -483,7 +482,7 @@ def convert_m3ae(checkpoint: Path | str, out: Path | str, *, task: str | None = 
                                 answer_normalization="m3ae" if task == "vqa" and data else "medvlp",
                                 retrieval=RetrievalConfig(eval_mode="exhaustive"))
         save_config(config, out / "config.yaml")
-        save_weights(model.state_dict(), out / WEIGHTS)
+        model.save_pretrained(out / WEIGHTS)
     (out / "converted.json").write_text(json.dumps(
         {"from": "M3AE (github.com/zhjohnchan/M3AE)", "checkpoint": source, "task": task,
          "reference_config": {k: v for k, v in reference.items() if isinstance(v, (int, float, str, bool))},
@@ -506,8 +505,7 @@ def _classes(root: Path, task: str, label_field: str) -> list[str]:
     return data_classes(root, downstream_task(task), label_field)  # sorted label set: MELINDA's rule
 
 
-def _write_pretrain(out: Path, model: MedVLP, tokenizer_ref: str | None, max_len: int, save_config,
-                    save_weights) -> None:
+def _write_pretrain(out: Path, model: MedVLP, tokenizer_ref: str | None, max_len: int, save_config) -> None:
     from medvlp.constants import LATEST, TRAINER_STATE, WEIGHTS
     from medvlp.training.pretrain import load_pretrain_config
 
@@ -519,6 +517,6 @@ def _write_pretrain(out: Path, model: MedVLP, tokenizer_ref: str | None, max_len
     save_config(config, out / "config.yaml")
     step = out / "checkpoints" / "step-000000"
     step.mkdir(parents=True)
-    save_weights({f"model.{k}": v for k, v in model.state_dict().items()}, step / WEIGHTS, {"global_step": "0"})
+    model.save_pretrained(step / WEIGHTS, {"global_step": "0"}, prefix="model.")  # as a pre-training checkpoint
     torch.save({"global_step": 0, "epoch": 0, "converted": "m3ae"}, step / TRAINER_STATE)
     (out / "checkpoints" / LATEST).write_text(step.name + "\n")

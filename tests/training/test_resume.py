@@ -24,6 +24,7 @@ import torch
 
 from medvlp.errors import ConfigError, MedvlpError
 from medvlp.integrity import RunLock
+from medvlp.models import pretrained as weights_io
 from medvlp.training import checkpoint as checkpoint_io
 from medvlp.training.checkpoint import (
     LATEST,
@@ -283,7 +284,7 @@ def test_a_full_disk_during_a_checkpoint_leaves_no_partial_and_says_so(root, mon
     if writer == "torch":
         monkeypatch.setattr(checkpoint_io.torch, "save", full)
     else:
-        monkeypatch.setattr(checkpoint_io, "save_file", full)
+        monkeypatch.setattr(weights_io, "save_file", full)
     with pytest.raises(MedvlpError, match=r"checkpoint .*step-000002: could not be written \(no space left"):
         pretrain(pretrain_config(root, f"full-{writer}"))
     assert not [p for p in (root / f"full-{writer}" / "checkpoints").iterdir() if p.name.startswith(".")]

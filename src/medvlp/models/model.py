@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -19,6 +20,7 @@ from medvlp.models.config import ModelConfig
 from medvlp.models.encoders import ImageEncoding, Masking, build_text_encoder, build_vision_encoder, random_masking
 from medvlp.models.fusion import CoAttentionFusion, FusionOutput
 from medvlp.models.heads import AlignmentHead, ClassifierHead, ITMHead, MIMDecoder, MLMHead, match_score
+from medvlp.models.pretrained import load_into, load_weights, save_weights
 
 __all__ = ["CLIP_MEAN", "CLIP_STD", "MedVLP", "MedVLPOutput", "build_model", "normalize_pixels", "param_groups",
            "patchify", "random_masking", "unpatchify"]
@@ -208,6 +210,22 @@ class MedVLP(nn.Module):
         return self.align_head.embed_text(self.encode_text(input_ids, attention_mask)[:, 0])
 
     # -- one pass -------------------------------------------------------------------------------------------------
+
+    # -- weights on disk: the one save/load path (models/pretrained.py) ----------------------------------------
+
+    def save_pretrained(self, path: Path | str, metadata: dict[str, str] | None = None, *, prefix: str = "") -> None:
+        """Write the weights to ``path`` (safetensors, atomically, a checksum beside them), each name led by
+        ``prefix`` (a Lightning module's ``model.``); ``metadata``: strings stored in the file."""
+        save_weights({f"{prefix}{k}": v for k, v in self.state_dict().items()}, Path(path), metadata)
+
+    @classmethod
+    def from_pretrained(cls, cfg: ModelConfig, path: Path | str, *, prefix: str = "",
+                        source: str = "its config") -> MedVLP:
+        """The model of ``cfg`` with the weights of ``path`` (written by ``save_pretrained``; names led by
+        ``prefix`` lose it), in eval mode. Weights that do not fit are a one-line error naming ``path`` and
+        ``source`` (what ``cfg`` came from); a damaged file fails its checksum."""
+        weights = {k.removeprefix(prefix): v for k, v in load_weights(path).items()}
+        return load_into(build_model(cfg), weights, str(path), source).eval()
 
     def resize_image(self, image_size: int) -> None:
         """Make ``image_size`` the model's native size (fine-tuning uses larger images than pre-training): the

@@ -10,7 +10,6 @@ should ``latest`` be lost anyway, resuming falls back to the newest complete ``s
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -21,58 +20,14 @@ import torch
 from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 from lightning.pytorch.callbacks import Callback
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 
 from medvlp.constants import LATEST, TRAINER_STATE, WEIGHTS
 from medvlp.errors import MedvlpError
-from medvlp.integrity import checksum_path, cleaned_on_failure, verify_checksum, write_checksum
+from medvlp.integrity import cleaned_on_failure, verify_checksum, write_checksum
+from medvlp.models.pretrained import load_weights, save_weights  # noqa: F401 (the trainer's I/O; re-exported)
 
 log = logging.getLogger(__name__)
 
-
-
-def save_weights(state_dict: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None, *,
-                 what: str | None = None) -> None:
-    """Write a state dict as safetensors, atomically, with its checksum beside it (``NAME.sha256``); tensors
-    that share storage (tied weights) are stored once and the other names recorded as aliases in the metadata.
-    A failed write (a full disk) leaves nothing behind and is a one-line ``MedvlpError`` naming ``what`` (by
-    default ``path``)."""
-    path = Path(path)
-    unique: dict[str, torch.Tensor] = {}
-    aliases: dict[str, str] = {}
-    seen: dict[tuple[int, int, tuple[int, ...]], str] = {}
-    for name, tensor in state_dict.items():
-        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
-        if key in seen and tensor.numel():
-            aliases[name] = seen[key]
-        else:
-            seen[key] = name
-            unique[name] = tensor.detach().contiguous().cpu()
-    meta = {**(metadata or {}), "aliases": json.dumps(aliases)}
-    tmp = path.with_name(f".{path.name}.tmp")
-    with cleaned_on_failure(tmp, checksum_path(tmp), what=what or str(path)):
-        save_file(unique, str(tmp), metadata=meta)
-        write_checksum(tmp, name=path.name)
-        os.replace(tmp, path)
-        os.replace(checksum_path(tmp), checksum_path(path))
-
-
-def load_weights(path: Path | str) -> dict[str, torch.Tensor]:
-    """Read weights written by ``save_weights`` (aliases restored), after comparing them with their checksum;
-    a clear error for a missing, damaged or foreign file."""
-    path = Path(path)
-    if not path.is_file():
-        raise MedvlpError(f"{path}: no weights file; expected {WEIGHTS} from a medvlp checkpoint")
-    verify_checksum(path)
-    try:
-        tensors = load_file(str(path))
-        with safe_open(str(path), "pt") as f:
-            aliases = json.loads((f.metadata() or {}).get("aliases", "{}"))
-    except Exception as e:  # safetensors reports a damaged file with several error types
-        raise MedvlpError(f"{path}: not a readable safetensors file ({e})") from None
-    for name, target in aliases.items():
-        tensors[name] = tensors[target]
-    return tensors
 
 
 class SafeCheckpointIO(CheckpointIO):

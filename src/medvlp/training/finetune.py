@@ -40,7 +40,7 @@ from medvlp.data.synthetic import ensure_corpus
 from medvlp.errors import ConfigError, DataError, MedvlpError
 from medvlp.integrity import RunLock
 from medvlp.models.model import MedVLP, build_model
-from medvlp.training.checkpoint import Checkpointer, checkpoint_step, load_weights, resume_point, save_weights
+from medvlp.training.checkpoint import Checkpointer, checkpoint_step, resume_point
 from medvlp.training.config import FINETUNE_IMAGE_SIZE, FinetuneConfig, load_finetune_config  # noqa: F401 (re-exported)
 from medvlp.training.downstream import TASKS, DownstreamTask, downstream_task
 from medvlp.training.optim import build_optimizer, build_schedule
@@ -187,13 +187,9 @@ def load_finetuned(run: Path | str) -> tuple[FinetuneConfig, MedVLP, Any]:
         raise MedvlpError(f"{run}: not a fine-tuned run (expected config.yaml and {WEIGHTS}); give the run_dir "
                           "`medvlp finetune` wrote")
     config = load_config(FinetuneConfig, run / "config.yaml")
-    model = build_model(config.model)
-    missing, unexpected = model.load_state_dict(load_weights(run / WEIGHTS), strict=False)
-    if missing or unexpected:
-        raise MedvlpError(f"{run / WEIGHTS} does not fit the model of {run / 'config.yaml'}: {len(missing)} weights "
-                          f"missing (e.g. {missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]})")
+    model = MedVLP.from_pretrained(config.model, run / WEIGHTS, source=str(run / "config.yaml"))
     own = run / "tokenizer"  # a converted run may refer to its tokenizer by hub id instead
-    return config, model.eval(), load_tokenizer(own if own.is_dir() or not config.tokenizer else config.tokenizer)
+    return config, model, load_tokenizer(own if own.is_dir() or not config.tokenizer else config.tokenizer)
 
 
 # -- training ----------------------------------------------------------------------------------------------------
@@ -264,7 +260,7 @@ class ModelSelection(L.Callback):
         if self.best is None or metrics[self.selection] > self.best[self.selection]:
             self.best, self.best_step = metrics, step
             if trainer.is_global_zero:
-                save_weights(module.model.state_dict(), self.run_dir / WEIGHTS, {"step": str(step)})
+                module.model.save_pretrained(self.run_dir / WEIGHTS, {"step": str(step)})
 
     def state_dict(self) -> dict[str, Any]:
         """The validations so far, saved in each checkpoint (``model.safetensors`` holds the best weights)."""

@@ -335,7 +335,6 @@ def load_run(run: Path | str) -> tuple[PretrainConfig, MedVLP, Any]:
     model in eval mode with the checkpoint's weights (safetensors; nothing is unpickled)."""
     from medvlp.constants import WEIGHTS
     from medvlp.data.tokenizer import load_tokenizer
-    from medvlp.training.checkpoint import load_weights
 
     checkpoint = resolve_checkpoint(run)
     run_dir = checkpoint.parent.parent
@@ -343,14 +342,9 @@ def load_run(run: Path | str) -> tuple[PretrainConfig, MedVLP, Any]:
         raise MedvlpError(f"{run_dir}: no config.yaml beside checkpoints/; give the folder `medvlp pretrain` wrote")
     config = load_config(PretrainConfig, run_dir / "config.yaml")
     tokenizer = load_tokenizer(config.data.tokenizer or run_dir / "tokenizer")
-    model = build_model(config.model)
-    weights = {k.removeprefix("model."): v for k, v in load_weights(checkpoint / WEIGHTS).items()}  # the module's
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    if missing or unexpected:
-        raise MedvlpError(f"{checkpoint / WEIGHTS} does not fit the model of {run_dir / 'config.yaml'}: "
-                          f"{len(missing)} weights missing (e.g. {missing[:2]}), {len(unexpected)} unexpected "
-                          f"(e.g. {unexpected[:2]})")
-    return config, model.eval(), tokenizer
+    model = MedVLP.from_pretrained(config.model, checkpoint / WEIGHTS, prefix="model.",  # the Lightning module's
+                                   source=str(run_dir / "config.yaml"))
+    return config, model, tokenizer
 
 
 def export_encoders(run: Path | str, out: Path | str) -> dict[str, Path]:
