@@ -3,7 +3,7 @@
 import pytest
 
 from medvlp.errors import ConfigError
-from medvlp.models import MODEL_SIZES, ModelConfig, model_config
+from medvlp.models import ModelConfig, model_config, model_sizes, size_spec
 
 
 def test_base_is_the_papers_model():
@@ -29,8 +29,17 @@ def test_overrides_apply_and_do_not_leak_into_the_named_sizes():
     cfg = model_config("tiny", text={"vocab_size": 777}, image_size=96, memory_slots=4)
     assert (cfg.text.vocab_size, cfg.image_size, cfg.memory_slots) == (777, 96, 4)
     cfg.text.vocab_size = 5
-    assert MODEL_SIZES["tiny"].text.vocab_size == 4096
     assert model_config("tiny").text.vocab_size == 4096
+
+
+def test_the_named_sizes_are_data_files_listed_by_a_function():
+    assert model_sizes() == ["base", "tiny"]
+    assert model_config("base") == ModelConfig()  # the dataclass defaults are the papers' size
+    tiny = model_config("tiny")
+    assert (tiny.vision.hidden_size, tiny.image_size, tiny.mim_layer) == (128, 64, 1)
+    assert size_spec("tiny")["finetune_image_size"] == 80 and size_spec("base")["pretrain_optim"]["lr"] == 1e-4
+    with pytest.raises(ConfigError, match="unknown model size 'huge'; known sizes: base, tiny"):
+        model_config("huge")
 
 
 def test_unknown_size_names_the_known_ones():

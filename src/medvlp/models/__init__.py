@@ -9,8 +9,8 @@ import importlib
 from typing import Any
 
 _HOME = {
-    "config": ("MODEL_SIZES", "FusionConfig", "MIMDecoderConfig", "ModelConfig", "TextConfig", "VisionConfig",
-               "model_config"),
+    "config": ("FusionConfig", "MIMDecoderConfig", "ModelConfig", "TextConfig", "VisionConfig", "model_config",
+               "model_sizes", "size_spec"),
     "encoders": ("ImageEncoding", "Masking", "TextEncoder", "VisionEncoder", "random_masking"),
     "fusion": ("CoAttentionFusion", "FusionOutput", "MemoryBlock"),
     "heads": ("AlignmentHead", "ITMHead", "MIMDecoder", "MLMHead", "Pooler", "sincos_2d"),

@@ -8,8 +8,9 @@ output of layer ``i``, so "the input of layer 4 of 6" is ``states[3]``.
 
 from __future__ import annotations
 
-import copy
+import functools
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 from medvlp.errors import ConfigError
@@ -77,7 +78,7 @@ class MIMDecoderConfig:
 
 @dataclass
 class ModelConfig:
-    """The whole model. Defaults are the papers' ``base``; see ``MODEL_SIZES`` and ``model_config``.
+    """The whole model. Defaults are the papers' ``base``; see ``model_sizes`` and ``model_config``.
 
     - ``mim_layer``: index into the fusion states (0 = fusion input, i = output of layer i) that the pixel
       decoder reads; 3 is "the input of layer 4 of 6", as in M3AE.
@@ -195,26 +196,32 @@ class ModelConfig:
         return self
 
 
-MODEL_SIZES: dict[str, ModelConfig] = {
-    # CLIP ViT-B/16 + RoBERTa-base + 6 co-attention layers, as in M3AE and MPMA (pre-training at 288 px).
-    "base": ModelConfig(),
-    # Trains on two CPU cores in minutes (M3AE's three passes at batch 32, fp32: about 0.43 s per step on the
-    # project's AMD EPYC, 500 steps with validation in 3 min 37 s; 0.65-0.83 s on its earlier AVX2 machine).
-    # Feed-forward blocks of text and fusion are 2x wide and dropout is off, since matrix products and dropout
-    # masks are what a CPU step spends its time on. The fusion keeps the M3AE shape with 2 layers; MIM reads the
-    # input of the second (the analogue of "input of layer 4 of 6").
-    "tiny": ModelConfig(
-        vision=VisionConfig(hidden_size=128, num_layers=2, num_heads=4, intermediate_size=512),
-        text=TextConfig(hidden_size=128, num_layers=2, num_heads=4, intermediate_size=256, vocab_size=4096,
-                        max_position_embeddings=130, dropout=0.0),
-        fusion=FusionConfig(hidden_size=128, num_layers=2, num_heads=4, intermediate_size=256, dropout=0.0),
-        mim_decoder=MIMDecoderConfig(hidden_size=96, num_layers=1, num_heads=3, intermediate_size=384),
-        image_size=64,
-        patch_size=16,
-        mim_layer=1,
-        embed_dim=128,
-    ),
-}
+SIZES_DIR = Path(__file__).with_name("sizes")
+"""The named model sizes, one YAML file each (``tiny.yaml``, ``base.yaml``): the model (overrides of the ``base``
+defaults above), the pre-training optimiser's rate and warm-up, and the fine-tuning image size."""
+
+
+def model_sizes() -> list[str]:
+    """The names of the model sizes medvlp ships (the files in ``SIZES_DIR``)."""
+    return sorted(p.stem for p in SIZES_DIR.glob("*.yaml"))
+
+
+@functools.lru_cache(maxsize=None)
+def size_spec(size: str) -> dict[str, Any]:
+    """A named size's file, read: ``model`` (a mapping of ``ModelConfig`` fields), ``pretrain_optim`` (of
+    ``OptimConfig``) and ``finetune_image_size``; a one-line ``ConfigError`` for a name medvlp does not ship."""
+    path = SIZES_DIR / f"{size}.yaml"
+    if not isinstance(size, str) or not path.is_file():
+        raise ConfigError(f"unknown model size {size!r}; known sizes: {', '.join(model_sizes())}")
+    import yaml
+
+    return yaml.safe_load(path.read_text())
+
+
+def _size_model(size: str) -> ModelConfig:
+    from medvlp.config import merge  # the project's one way of applying checked overrides
+
+    return merge(ModelConfig(), size_spec(size)["model"], f"{SIZES_DIR.name}/{size}.yaml", "model")
 
 
 def model_config(size: str, **overrides: Any) -> ModelConfig:
@@ -223,20 +230,16 @@ def model_config(size: str, **overrides: Any) -> ModelConfig:
     Nested configs take a mapping of their fields (or a whole dataclass); unknown keys and wrong types are a
     ``ConfigError``.
     """
-    if size not in MODEL_SIZES:
-        raise ConfigError(f"unknown model size {size!r}; known sizes: {', '.join(MODEL_SIZES)}")
-    from medvlp.config import merge  # the project's one way of applying checked overrides
+    from medvlp.config import merge
 
-    config = copy.deepcopy(MODEL_SIZES[size])  # callers may mutate their copy; MODEL_SIZES stays as it is
-    return merge(config, overrides, f"model_config({size!r})").validate()
+    return merge(_size_model(size), overrides, f"model_config({size!r})").validate()
 
 
-def model_size_of(path, overrides, known) -> str:
+def model_size_of(path, overrides) -> str:
     """The ``model_size`` a run config will have (read before the full load: it chooses the other defaults);
-    one line naming the known sizes when it is not one of ``known``."""
+    one line naming the known sizes when medvlp ships no such size."""
     from medvlp.config import peek
 
     size = peek(path, overrides, "model_size", "tiny")
-    if size not in known:
-        raise ConfigError(f"unknown model size {size!r}; known sizes: {', '.join(sorted(known))}")
+    size_spec(size)  # the one-line error for an unknown name
     return size

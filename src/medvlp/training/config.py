@@ -14,10 +14,9 @@ from typing import Literal
 from medvlp.config import at_least, check, load_config, not_empty, one_of, within
 from medvlp.data.synth_config import SynthConfig
 from medvlp.errors import ConfigError
-from medvlp.models.config import ModelConfig, model_config, model_size_of
+from medvlp.models.config import ModelConfig, model_config, model_size_of, model_sizes, size_spec
 
 TASK_NAMES = ("vqa", "classification", "retrieval")  # the downstream tasks (training/downstream.py: TASKS)
-FINETUNE_IMAGE_SIZE = {"tiny": 80, "base": 384}  # the papers fine-tune at 384 after pre-training at 288
 
 
 def check_crop_scale(scale: tuple[float, float], key: str) -> None:
@@ -173,14 +172,14 @@ class PretrainConfig:
 
 def load_pretrain_config(path: Path | str | None = None, overrides: Sequence[str] = ()) -> PretrainConfig:
     """Defaults of the named model size (``model_size``, read first), then the file, then the overrides."""
-    size = model_size_of(path, overrides, SIZE_OPTIM)
+    size = model_size_of(path, overrides)
     base = PretrainConfig(model_size=size, model=model_config(size), optim=SIZE_OPTIM[size])
     return load_config(PretrainConfig, path, overrides, base=base)
 
 
-# A tiny model from scratch learns at a higher rate than the papers' pre-trained encoders: at 1e-4 its ITM
-# accuracy was still at chance after 350 demo steps; at 5e-4 it left chance by step 400.
-SIZE_OPTIM = {"tiny": OptimConfig(lr=5e-4, warmup=0.05), "base": OptimConfig()}
+# Each named size's pre-training rate and warm-up, and its fine-tuning image size (models/sizes/NAME.yaml).
+SIZE_OPTIM = {size: OptimConfig(**size_spec(size)["pretrain_optim"]) for size in model_sizes()}
+FINETUNE_IMAGE_SIZE = {size: size_spec(size)["finetune_image_size"] for size in model_sizes()}
 
 
 @dataclass
@@ -243,5 +242,5 @@ class FinetuneConfig:
 
 def load_finetune_config(path: Path | str | None = None, overrides: Sequence[str] = ()) -> FinetuneConfig:
     """Defaults of the named model size (``model_size``, read first), then the file, then the overrides."""
-    size = model_size_of(path, overrides, FINETUNE_IMAGE_SIZE)
+    size = model_size_of(path, overrides)
     return load_config(FinetuneConfig, path, overrides, base=FinetuneConfig(model_size=size, model=model_config(size)))
