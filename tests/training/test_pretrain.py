@@ -204,7 +204,7 @@ def test_shipped_configs_load_and_say_what_the_papers_do(name):
     assert bool(config.tasks.itc) == bool(config.tasks.local) == mpma
     assert (config.model.memory_slots > 0) == mpma
     assert config.tasks.align_whole_image == (name == "mpma-tiny")
-    assert config.model.vision.conv_stem == (name == "mpma-tiny")  # the papers' ViTs and M3AE's choices: patches
+    assert not config.model.vision.conv_stem  # opt-in until it shows margins in the main job (docs/results.md)
     if name.endswith("base"):
         assert config.model.fusion.hidden_size == 768 and config.optim.lr == 1e-5 and config.data.batch_size == 256
 
