@@ -300,19 +300,23 @@ def _mean(values: list[float]) -> float:
 
 def summary(task_results: dict[str, Any], task: str) -> dict[str, dict[str, float]]:
     """Mean test figures per starting point: ``{"pre-trained": {...}, "scratch": {...}}``."""
+    return {start: {c: _mean([m[c] for m in metrics]) for c in COLUMNS[task]}
+            for start, metrics in _by_start(task_results).items()}
+
+
+def _by_start(task_results: dict[str, Any]) -> dict[str, list[dict[str, float]]]:
+    """Each starting point's test figures, one dict per seed."""
     by_start: dict[str, list[dict[str, float]]] = {}
     for run in task_results["runs"]:
         by_start.setdefault(run["start"], []).append(run[run["split"]])
-    return {start: {c: _mean([m[c] for m in metrics]) for c in COLUMNS[task]} for start, metrics in by_start.items()}
+    return by_start
 
 
 def spread(task_results: dict[str, Any], task: str) -> dict[str, dict[str, float]]:
     """How far the seeds of each starting point lie apart (largest minus smallest test figure; 0 with one seed):
     ``{"pre-trained": {...}, "scratch": {...}}``."""
-    by_start: dict[str, list[dict[str, float]]] = {}
-    for run in task_results["runs"]:
-        by_start.setdefault(run["start"], []).append(run[run["split"]])
-    return {start: {c: _range([m[c] for m in metrics]) for c in COLUMNS[task]} for start, metrics in by_start.items()}
+    return {start: {c: _range([m[c] for m in metrics]) for c in COLUMNS[task]}
+            for start, metrics in _by_start(task_results).items()}
 
 
 def _range(values: list[float]) -> float:
