@@ -166,27 +166,30 @@ def _from_pretrained(cls: type, source: str, field: str, **kwargs) -> PreTrained
 
 class ConvStem(nn.Sequential):
     """A small convolutional network that turns an image into the ViT's patch grid, instead of one
-    ``patch x patch`` convolution: ``log2(patch_size)`` 3x3 convolutions of stride 2, each with BatchNorm and GELU,
-    channels doubling up to ``width``, then a 1x1 convolution to ``width``. Its output grid is the patch
-    convolution's, ``image_size / patch_size`` per side, so masking, MIM and everything after the embedding are
-    unchanged; it sees the whole image (masking drops tokens after it), which at the tiny size is cheap. Small
-    structures (a lesion a few pixels wide) reach the tokens through overlapping receptive fields and
-    nonlinearities rather than one linear map of a 16 x 16 patch.
+    ``patch x patch`` convolution: a 3x3 convolution at full resolution, then ``log2(patch_size)`` 3x3
+    convolutions of stride 2 (each with BatchNorm and GELU, channels doubling up to ``width``), then a 1x1
+    convolution to ``width``. Its output grid is the patch convolution's, ``image_size / patch_size`` per side, so
+    masking, MIM and everything after the embedding are unchanged; it sees the whole image (masking drops tokens
+    after it). Small structures (a lesion a few pixels wide) reach the tokens through several overlapping
+    receptive fields rather than one linear map of a 16 x 16 patch. The full-resolution convolution is what
+    makes it see them (benchmarks/lesion_probe.py: 91.7% "lesion or none" with it, 76.0% without, majority
+    73.0%) and most of its cost.
 
     Args:
         patch_size: pixels per token side, a power of 2.
         width: the ViT's hidden size (channels of the output).
-        channels: channels of the first convolution (doubled at every stage, up to ``width``).
+        channels: channels of the full-resolution convolution (doubled at every stride-2 stage, up to ``width``).
     """
 
     def __init__(self, patch_size: int, width: int, channels: int = 16) -> None:
         stages = patch_size.bit_length() - 1
         if 1 << stages != patch_size:
             raise ValueError(f"a convolutional stem needs a power-of-2 patch size, not {patch_size}")
-        sizes = [3] + [min(width, channels << i) for i in range(stages)]
+        sizes = [min(width, channels << i) for i in range(stages + 1)]
         layers: list[nn.Module] = []
-        for inputs, outputs in zip(sizes[:-1], sizes[1:]):
-            layers += [nn.Conv2d(inputs, outputs, 3, 2, 1, bias=False), nn.BatchNorm2d(outputs), nn.GELU()]
+        for i, (inputs, outputs) in enumerate(zip([3, *sizes[:-1]], sizes)):
+            layers += [nn.Conv2d(inputs, outputs, 3, 1 if i == 0 else 2, 1, bias=False), nn.BatchNorm2d(outputs),
+                       nn.GELU()]
         super().__init__(*layers, nn.Conv2d(sizes[-1], width, 1))
 
 
