@@ -9,7 +9,9 @@ measures learning, not loading. Prints held-out accuracy every ``--every`` steps
 a supervised encoder cannot learn the label, no pre-training objective will teach it in that budget.
 
     python benchmarks/lesion_probe.py [--data runs/demo/data/classification] [--binary] [--encoder vit|cnn]
-                                      [--patch-size 16] [--layers 2] [--steps 600] [--lr 5e-4]
+                                      [--patch-size 16] [--layers 2] [--conv-stem] [--steps 600] [--lr 5e-4]
+
+``--conv-stem`` gives the ViT the convolutional stem (``model.vision.conv_stem``) instead of its patch convolution.
 """
 
 from __future__ import annotations
@@ -55,10 +57,12 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--patch-size", type=int, default=16)
     parser.add_argument("--layers", type=int, default=2, help="Transformer layers of the ViT (tiny: 2)")
+    parser.add_argument("--conv-stem", action="store_true", help="the ViT with a convolutional stem")
     parser.add_argument("--encoder", choices=("vit", "cnn"), default="vit", help="the tiny ViT or a small CNN")
     args = parser.parse_args()
 
-    config = model_config("tiny", patch_size=args.patch_size, vision={"num_layers": args.layers})
+    config = model_config("tiny", patch_size=args.patch_size, vision={"num_layers": args.layers,
+                                                                        "conv_stem": args.conv_stem})
     train_x, train_y = load(args.data, "train", config.image_size, args.binary)
     val_x, val_y = load(args.data, "val", config.image_size, args.binary)
     majority = val_y.bincount().max().item() / len(val_y)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -62,3 +63,26 @@ def test_loader_throughput_reads_a_prepared_dataset(classification, monkeypatch,
     out = capsys.readouterr().out
     assert "(classification, split train, 24 records)" in out
     assert "loader throughput:" in out and "samples/s over 2 batches" in out
+
+
+def test_main_job_precisions_runs_the_demo_and_prints_the_reports_side_by_side(tmp_path, monkeypatch, capsys):
+    from jobs.test_demo import SMALL
+
+    script = benchmark_script("main_job_precisions")
+    monkeypatch.setattr(script, "bf16_supported", lambda: False)  # fp32 alone and one seed keep the test short
+    monkeypatch.setattr("medvlp.jobs.demo.DEMO_SEEDS", (0,))
+    monkeypatch.setattr(sys, "argv", ["main_job_precisions.py", "--out", str(tmp_path), *SMALL])
+    script.main()
+    out = capsys.readouterr().out
+    assert "running fp32 only" in out and (tmp_path / "data" / "pretrain").is_dir()
+    assert not (tmp_path / "fp32" / "data").exists()  # the corpus is shared, not made per precision
+    table = (tmp_path / "precisions.md").read_text()
+    assert table in out
+    rows = [line for line in table.splitlines() if line.startswith("| ") and "figure" not in line and "---" not in line]
+    assert [row.split(" | ")[:2] for row in rows] == [["| vqa", "overall_acc"], ["| classification", "accuracy"],
+                                                       ["| classification", "macro_f1"], ["| retrieval", "i2t_r10"],
+                                                       ["| retrieval", "t2i_r10"]]
+    assert "fp32 (32-true, " in table and table.count("one seed, so no spread to judge it by") == 3
+    report = json.loads((tmp_path / "fp32" / "benchmark" / "report.json").read_text())
+    both = script.side_by_side({"fp32": (report, 60.0), "bf16": (report, 30.0)})
+    assert both.splitlines()[0].count("margin") == 2 and "bf16 (32-true, 0.5 min" in both

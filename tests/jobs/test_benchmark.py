@@ -3,7 +3,7 @@
 import pytest
 
 from medvlp.errors import MedvlpError
-from medvlp.jobs.benchmark import for_task, markdown_report, summary
+from medvlp.jobs.benchmark import COLUMNS, environment, for_task, markdown_report, spread, summary, verdict
 
 
 def run(start, seed, overall):
@@ -49,3 +49,40 @@ def test_seeds_are_comma_separated_so_overrides_can_follow():
 
     args, extra = build_parser().parse_known_args(["benchmark", "--seeds", "0,1", "trainer.max_steps=5"])
     assert args.seeds == [0, 1] and extra == ["trainer.max_steps=5"]
+
+
+def test_report_gives_each_starts_seed_spread_and_says_whether_the_margin_beats_it():
+    assert spread(RESULTS["tasks"]["vqa"], "vqa")["pre-trained"]["overall_acc"] == 2.0
+    text = markdown_report(RESULTS)
+    assert "| pre-trained, seed spread | | 2.00 | 2.00 | 2.00 |" in text
+    assert "| scratch, seed spread | | 1.00 | 1.00 | 1.00 |" in text
+    assert "helped beyond the seed spread: **yes** — overall_acc +10.50 (spread 2.00)." in text
+    close = {**RESULTS["tasks"]["vqa"], "runs": [run("pre-trained", 0, 50.0), run("pre-trained", 1, 56.0),
+                                                 run("scratch", 0, 50.0), run("scratch", 1, 51.0)]}
+    assert verdict(close, "vqa") == ("Pre-training helped beyond the seed spread: **no** — overall_acc +2.50 "
+                                     "(spread 6.00).")
+    one_seed = {**close, "runs": close["runs"][::2]}
+    assert "one seed, so no spread to judge it by" in verdict(one_seed, "vqa")
+
+
+def test_classification_and_retrieval_verdicts_read_both_headline_figures():
+    def runs(task, pre, scratch):
+        columns = ("accuracy", "macro_f1") if task == "classification" else ("i2t_r10", "t2i_r10")
+        figures = {c: 0.0 for c in COLUMNS[task]}
+        return {"runs": [{"start": start, "seed": seed, "split": "test",
+                          "test": {**figures, **dict(zip(columns, values[seed]))}}
+                         for start, values in (("pre-trained", pre), ("scratch", scratch)) for seed in (0, 1)]}
+
+    half = verdict(runs("classification", [(40, 30), (42, 20)], [(25, 10), (25, 20)]), "classification")
+    assert half.startswith("Pre-training helped beyond the seed spread: **partly** — accuracy +16.00 (spread 2.00)")
+    assert verdict(runs("retrieval", [(8, 8), (7, 9)], [(1, 1), (2, 1)]), "retrieval").endswith(
+        "**yes** — i2t_r10 +6.00 (spread 1.00), t2i_r10 +7.50 (spread 1.00).")
+
+
+def test_report_states_machine_precision_and_commit():
+    from medvlp.training.config import TrainerConfig
+
+    env = environment(TrainerConfig(precision="32-true"))
+    assert env["precision"] == "32-true" and "cores" in env["machine"] and env["commit"]
+    text = markdown_report({**RESULTS, "environment": env})
+    assert f"Machine: {env['machine']} · precision: 32-true · commit: {env['commit']}" in text

@@ -56,14 +56,14 @@ def test_the_demo_resumes_then_reuses_everything(tmp_path, monkeypatch, capsys):
     assert f"[corpus] complete in {out / 'data'}: reusing it" in printed
     assert f"pre-training: resuming the interrupted run in {out / 'pretrain'}" in printed
     assert json.loads((out / "pretrain" / "metrics.json").read_text())["step"] == 4
-    assert printed.count("benchmark: fine-tuning") == 6 and "report:" in printed
+    assert printed.count("benchmark: fine-tuning") == 12 and "report:" in printed  # two seeds
     report = (out / "benchmark" / "report.md").read_text()
 
     started = time.perf_counter()
     assert main(argv) == 0  # the third: everything reused
     printed = capsys.readouterr().out
     assert "pre-training finished earlier (step 4): reusing" in printed
-    assert printed.count("finished earlier, reusing") == 6 and "benchmark: fine-tuning" not in printed
+    assert printed.count("finished earlier, reusing") == 12 and "benchmark: fine-tuning" not in printed
     assert (out / "benchmark" / "report.md").read_text() == report
     assert time.perf_counter() - started < 60
 

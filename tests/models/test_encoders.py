@@ -94,3 +94,29 @@ def test_position_interpolation_is_identity_at_native_size_and_keeps_class_posit
     grid = table[1:].reshape(1, 4, 4, -1).permute(0, 3, 1, 2)
     same = torch.nn.functional.interpolate(grid, size=(4, 4), mode="bicubic", align_corners=False)
     torch.testing.assert_close(same.permute(0, 2, 3, 1).reshape(16, -1), table[1:])
+
+
+def test_a_conv_stem_gives_the_patch_grid_masks_after_it_and_follows_resizing():
+    from medvlp.errors import ConfigError
+    from medvlp.models.encoders import ConvStem
+
+    cfg = model_config("tiny", vision={"conv_stem": True})
+    torch.manual_seed(0)
+    stem_vision = build_vision_encoder(cfg.vision, cfg.image_size, cfg.patch_size).eval()
+    assert isinstance(stem_vision.stem, ConvStem) and stem_vision.model.embeddings.patch_embedding is None
+    assert not any(k.startswith("model.embeddings.patch_embedding") for k in stem_vision.state_dict())
+    pixels = torch.randn(2, 3, 64, 64)
+    assert stem_vision(pixels).states.shape == (2, 1 + 16, 128)
+    masked = stem_vision(pixels, 0.75, torch.Generator().manual_seed(0))
+    assert masked.states.shape == (2, 1 + 4, 128) and masked.masking.mask.sum(1).tolist() == [12, 12]
+    # the stem's weights are what it computes with: a copy with them loaded encodes identically
+    copy = build_vision_encoder(cfg.vision, cfg.image_size, cfg.patch_size).eval()
+    assert not torch.allclose(copy(pixels).states, stem_vision(pixels).states)
+    copy.load_state_dict(stem_vision.state_dict())
+    assert torch.equal(copy(pixels).states, stem_vision(pixels).states)
+    copy.resize_positions(5)  # fine-tuning at 80 px: a 5 x 5 grid
+    assert copy(torch.randn(2, 3, 80, 80)).states.shape == (2, 1 + 25, 128)
+    with pytest.raises(ConfigError, match="power of 2"):
+        model_config("tiny", patch_size=8 * 3, image_size=72, vision={"conv_stem": True})
+    with pytest.raises(ConfigError, match="conv_stem needs a vision encoder trained from scratch"):
+        model_config("tiny", vision={"conv_stem": True, "pretrained": "openai/clip-vit-base-patch16"})

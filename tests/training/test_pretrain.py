@@ -205,6 +205,7 @@ def test_shipped_configs_load_and_say_what_the_papers_do(name):
     assert bool(config.tasks.itc) == bool(config.tasks.local) == mpma
     assert (config.model.memory_slots > 0) == mpma
     assert config.tasks.align_whole_image == (name == "mpma-tiny")
+    assert not config.model.vision.conv_stem  # opt-in until it shows margins in the main job (docs/results.md)
     if name.endswith("base"):
         assert config.model.fusion.hidden_size == 768 and config.optim.lr == 1e-5 and config.data.batch_size == 256
 
@@ -264,6 +265,20 @@ def test_exported_encoders_start_another_run_with_their_weights(tmp_path, capsys
     weights.write_bytes(bytes(data))
     with pytest.raises(MedvlpError, match="vision/model.safetensors: does not match its checksum"):
         build_model(with_tokenizer(follow.model, tokenizer))
+
+
+def test_a_conv_stem_run_reloads_with_its_stem_and_is_not_exported_as_clip(tmp_path, capsys):
+    from medvlp.cli import main
+    from medvlp.training.pretrain import load_run
+
+    run = pretrain(config(tmp_path, "stem", "trainer.max_steps=3", "model.vision.conv_stem=true"))
+    _, model, _ = load_run(run)
+    saved = load_weights(resolve_checkpoint(run) / WEIGHTS)
+    stem = {k: v for k, v in saved.items() if ".vision.stem." in k}
+    assert stem and all(torch.equal(model.get_parameter(k.removeprefix("model.")), v)
+                        for k, v in stem.items() if "running" not in k and "num_batches" not in k)
+    assert main(["export", str(run), "--out", str(tmp_path / "export")]) == 2
+    assert "has a convolutional stem" in capsys.readouterr().err and not (tmp_path / "export").exists()
 
 
 def test_itm_breakdown_groups_every_negative_by_what_it_shares(tmp_path, monkeypatch, capsys):

@@ -40,6 +40,9 @@ COLUMNS = {
     "retrieval": ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10"),
 }
 
+# The figures the one-line verdict of each task reads: did pre-training beat scratch by more than the seeds' spread?
+HEADLINES = {"vqa": ("overall_acc",), "classification": ("accuracy", "macro_f1"), "retrieval": ("i2t_r10", "t2i_r10")}
+
 # Published test figures (%) of the full-size models, by prepared dataset name. M3AE: Chen et al., MICCAI 2022,
 # Table 1 (VQA). Each row agrees with its test split: VQA-RAD's 179 open / 272 closed questions give
 # (179 * 67.23 + 272 * 83.46) / 451 = 77.01 overall, SLAKE's 645 / 416 English ones (645 * 80.31 + 416 * 87.82)
@@ -124,7 +127,7 @@ def benchmark(init: str | None, out: Path | str, *, tasks: Sequence[str] = TASKS
     (out / MARKER).write_text(json.dumps({"init": init, "tasks": list(tasks), "data": data or {},
                                           "seeds": list(seeds), "scratch": scratch,
                                           "overrides": list(overrides)}, indent=1) + "\n")
-    results: dict[str, Any] = {"init": init, "tasks": {}}
+    results: dict[str, Any] = {"init": init, "environment": environment(runs[0].config.trainer), "tasks": {}}
     for run in runs:
         state = run_state(run)
         if state == "finished":
@@ -252,6 +255,44 @@ def scratch_like(init: str) -> list[str]:
     return [f"model_size={config.model_size}", f"model={json.dumps(to_dict(config.model))}", f"tokenizer={tokenizer}"]
 
 
+def environment(trainer: Any) -> dict[str, str]:
+    """Where a benchmark ran, for its report: ``machine`` (CPU model and cores, and the GPU when fine-tuning runs
+    on one), ``precision`` (the trainer's, resolved as fine-tuning resolves it) and ``commit`` (``git describe``
+    of the medvlp source, or ``unknown`` outside a git checkout).
+
+    Args:
+        trainer: the fine-tuning runs' ``TrainerConfig`` (``precision`` and ``accelerator`` are read).
+
+    Returns:
+        ``{"machine": ..., "precision": ..., "commit": ...}``, all strings.
+    """
+    import os
+    import platform
+    import subprocess
+
+    import torch
+
+    from medvlp.training.trainer import resolve_precision
+
+    cpu = platform.processor() or platform.machine() or "unknown CPU"
+    try:
+        names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                 if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    except OSError:
+        pass
+    machine = f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
+    if torch.cuda.is_available() and trainer.accelerator in ("auto", "gpu", "cuda"):
+        machine += f"; GPU {torch.cuda.get_device_name(0)}"
+    try:
+        described = subprocess.run(["git", "describe", "--always", "--dirty", "--tags"], capture_output=True,
+                                   text=True, timeout=10, cwd=Path(__file__).resolve().parent)
+        commit = described.stdout.strip() if described.returncode == 0 and described.stdout.strip() else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        commit = "unknown"
+    return {"machine": machine, "precision": resolve_precision(trainer.precision), "commit": commit}
+
+
 def _mean(values: list[float]) -> float:
     values = [v for v in values if not math.isnan(v)]
     return statistics.fmean(values) if values else float("nan")
@@ -259,15 +300,58 @@ def _mean(values: list[float]) -> float:
 
 def summary(task_results: dict[str, Any], task: str) -> dict[str, dict[str, float]]:
     """Mean test figures per starting point: ``{"pre-trained": {...}, "scratch": {...}}``."""
+    return {start: {c: _mean([m[c] for m in metrics]) for c in COLUMNS[task]}
+            for start, metrics in _by_start(task_results).items()}
+
+
+def _by_start(task_results: dict[str, Any]) -> dict[str, list[dict[str, float]]]:
+    """Each starting point's test figures, one dict per seed."""
     by_start: dict[str, list[dict[str, float]]] = {}
     for run in task_results["runs"]:
         by_start.setdefault(run["start"], []).append(run[run["split"]])
-    return {start: {c: _mean([m[c] for m in metrics]) for c in COLUMNS[task]} for start, metrics in by_start.items()}
+    return by_start
+
+
+def spread(task_results: dict[str, Any], task: str) -> dict[str, dict[str, float]]:
+    """How far the seeds of each starting point lie apart (largest minus smallest test figure; 0 with one seed):
+    ``{"pre-trained": {...}, "scratch": {...}}``."""
+    return {start: {c: _range([m[c] for m in metrics]) for c in COLUMNS[task]}
+            for start, metrics in _by_start(task_results).items()}
+
+
+def _range(values: list[float]) -> float:
+    values = [v for v in values if not math.isnan(v)]
+    return max(values) - min(values) if values else float("nan")
+
+
+def verdict(task_results: dict[str, Any], task: str) -> str:
+    """One line: whether pre-training beat scratch on each of the task's headline figures (``HEADLINES``) by more
+    than the seeds' spread (the larger of the two starting points' spreads), or why it cannot be said."""
+    means, spreads = summary(task_results, task), spread(task_results, task)
+    if not {"pre-trained", "scratch"} <= means.keys():
+        return "Pre-training's effect: not measured (a benchmark without both a pre-trained and a scratch run)."
+    seeds = min(sum(r["start"] == start for r in task_results["runs"]) for start in ("pre-trained", "scratch"))
+    parts, beyond = [], []
+    for column in HEADLINES[task]:
+        margin = means["pre-trained"][column] - means["scratch"][column]
+        noise = max(spreads["pre-trained"][column], spreads["scratch"][column])
+        beyond.append(margin > noise)
+        parts.append(f"{column} {margin:+.2f} (spread {noise:.2f})")
+    if seeds < 2:
+        return f"Pre-training's effect: {', '.join(parts)}; one seed, so no spread to judge it by (use two seeds)."
+    answer = "yes" if all(beyond) else "partly" if any(beyond) else "no"
+    return f"Pre-training helped beyond the seed spread: **{answer}** — {', '.join(parts)}."
 
 
 def markdown_report(results: dict[str, Any]) -> str:
+    """The benchmark's report in Markdown: where it ran, then per task the mean test figures per starting point,
+    the seeds' spread, the margin, a one-line verdict, baselines and published figures, and every run's figure."""
     lines = ["# medvlp benchmark", "", f"Pre-trained run: `{results['init'] or 'none (scratch only)'}`. "
-             "Test-split figures in %, each the best-validation checkpoint of its run; means over the seeds.", ""]
+             "Test-split figures in %, each the best-validation checkpoint of its run; means over the seeds, "
+             "spread = largest minus smallest seed.", ""]
+    env = results.get("environment")
+    if env:
+        lines += [f"Machine: {env['machine']} · precision: {env['precision']} · commit: {env['commit']}", ""]
     for task, task_results in results["tasks"].items():
         columns = COLUMNS[task]
         runs = task_results["runs"]
@@ -278,6 +362,9 @@ def markdown_report(results: dict[str, Any]) -> str:
         for start, figures in means.items():
             seeds = ", ".join(str(r["seed"]) for r in runs if r["start"] == start)
             lines.append(f"| {start} | {seeds} | " + " | ".join(f"{figures[c]:.2f}" for c in columns) + " |")
+        for start, figures in spread(task_results, task).items():
+            if sum(r["start"] == start for r in runs) > 1:
+                lines.append(f"| {start}, seed spread | | " + " | ".join(f"{figures[c]:.2f}" for c in columns) + " |")
         if {"pre-trained", "scratch"} <= means.keys():
             margin = {c: means["pre-trained"][c] - means["scratch"][c] for c in columns}
             lines.append("| pre-trained − scratch | | " + " | ".join(f"{margin[c]:+.2f}" for c in columns) + " |")
@@ -291,6 +378,7 @@ def markdown_report(results: dict[str, Any]) -> str:
         if not published:
             lines += ["", f"No published figure is recorded for {task_results['dataset']} (papers report on "
                           f"{', '.join(sorted(PUBLISHED))} here)."]
+        lines += ["", verdict(task_results, task)]
         lines += ["", "Per run: " + "; ".join(
             f"{r['start']} seed {r['seed']}: {columns[0]} {r[split][columns[0]]:.2f} (best step {r['best_step']})"
             for r in runs), ""]

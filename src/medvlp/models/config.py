@@ -30,6 +30,7 @@ class VisionConfig:
     num_heads: int = 12
     intermediate_size: int = 3072
     drop_last_layers: int = 0  # blocks of a pretrained checkpoint left out at the top (M3AE uses 11 of CLIP's 12)
+    conv_stem: bool = False  # a small CNN instead of the patch convolution (from scratch only; see ConvStem)
 
 
 @dataclass
@@ -178,6 +179,12 @@ class ModelConfig:
                               "for the last layer")
         if self.classifier_expansion <= 0:
             raise ConfigError(f"model.classifier_expansion = {self.classifier_expansion} must be positive")
+        if self.vision.conv_stem and self.vision.pretrained is not None:
+            raise ConfigError("model.vision.conv_stem needs a vision encoder trained from scratch; a pretrained "
+                              "checkpoint brings its own patch convolution: set model.vision.conv_stem=false")
+        if self.vision.conv_stem and self.patch_size & (self.patch_size - 1):
+            raise ConfigError(f"model.vision.conv_stem halves the image per stage: model.patch_size = "
+                              f"{self.patch_size} must be a power of 2")
         if self.vision.drop_last_layers < 0:
             raise ConfigError(f"model.vision.drop_last_layers = {self.vision.drop_last_layers} must be 0 or positive")
         if self.num_classes < 0:

@@ -172,6 +172,35 @@ def _from_pretrained(cls: type, source: str, field: str, **kwargs) -> PreTrained
 # ----------------------------------------------------------------------------------------------------------------
 
 
+class ConvStem(nn.Sequential):
+    """A small convolutional network that turns an image into the ViT's patch grid, instead of one
+    ``patch x patch`` convolution: a 3x3 convolution at full resolution, then ``log2(patch_size)`` 3x3
+    convolutions of stride 2 (each with BatchNorm and GELU, channels doubling up to ``width``), then a 1x1
+    convolution to ``width``. Its output grid is the patch convolution's, ``image_size / patch_size`` per side, so
+    masking, MIM and everything after the embedding are unchanged; it sees the whole image (masking drops tokens
+    after it). Small structures (a lesion a few pixels wide) reach the tokens through several overlapping
+    receptive fields rather than one linear map of a 16 x 16 patch. The full-resolution convolution is what
+    makes it see them (benchmarks/lesion_probe.py: 91.7% "lesion or none" with it, 76.0% without, majority
+    73.0%) and most of its cost.
+
+    Args:
+        patch_size: pixels per token side, a power of 2.
+        width: the ViT's hidden size (channels of the output).
+        channels: channels of the full-resolution convolution (doubled at every stride-2 stage, up to ``width``).
+    """
+
+    def __init__(self, patch_size: int, width: int, channels: int = 16) -> None:
+        stages = patch_size.bit_length() - 1
+        if 1 << stages != patch_size:
+            raise ValueError(f"a convolutional stem needs a power-of-2 patch size, not {patch_size}")
+        sizes = [min(width, channels << i) for i in range(stages + 1)]
+        layers: list[nn.Module] = []
+        for i, (inputs, outputs) in enumerate(zip([3, *sizes[:-1]], sizes)):
+            layers += [nn.Conv2d(inputs, outputs, 3, 1 if i == 0 else 2, 1, bias=False), nn.BatchNorm2d(outputs),
+                       nn.GELU()]
+        super().__init__(*layers, nn.Conv2d(sizes[-1], width, 1))
+
+
 @dataclass
 class ImageEncoding:
     """Vision encoder output: ``states`` [B, 1 + K, D] (class token first) and the masking (None if unmasked)."""
@@ -193,12 +222,16 @@ class VisionEncoder(nn.Module):
     and M3AE), not only to the class token as Hugging Face's pooler does.
     """
 
-    def __init__(self, model: CLIPVisionModel) -> None:
+    def __init__(self, model: CLIPVisionModel, conv_stem: bool = False) -> None:
         super().__init__()
         self.model = model
         self.hidden_size: int = model.config.hidden_size
         self.patch_size: int = model.config.patch_size
         self.native_grid: int = model.config.image_size // model.config.patch_size
+        # with a stem, the CLIP patch convolution is left out of the model (stem.* replaces its weights)
+        self.stem = ConvStem(self.patch_size, self.hidden_size) if conv_stem else None
+        if conv_stem:
+            model.embeddings.patch_embedding = None
 
     def position_embeddings(self, grid_h: int, grid_w: int) -> Tensor:
         """The position table [1 + grid_h * grid_w, D] for a patch grid, class position first.
@@ -239,7 +272,8 @@ class VisionEncoder(nn.Module):
         _, _, height, width = pixels.shape
         if height % self.patch_size or width % self.patch_size:
             raise ValueError(f"image size {height}x{width} is not divisible by the patch size {self.patch_size}")
-        patches = embeddings.patch_embedding(pixels.to(embeddings.patch_embedding.weight.dtype))
+        embed = self.stem if self.stem is not None else embeddings.patch_embedding
+        patches = embed(pixels.to(next(embed.parameters()).dtype))
         grid_h, grid_w = patches.shape[-2:]
         positions = self.position_embeddings(grid_h, grid_w)
         x = patches.flatten(2).transpose(1, 2) + positions[1:]
@@ -262,7 +296,7 @@ def build_vision_encoder(cfg: VisionConfig, image_size: int, patch_size: int) ->
             intermediate_size=cfg.intermediate_size, image_size=image_size, patch_size=patch_size,
             attn_implementation="sdpa",
         )
-        return VisionEncoder(CLIPVisionModel(hf_config))
+        return VisionEncoder(CLIPVisionModel(hf_config), conv_stem=cfg.conv_stem)
     expected = "CLIP vision model"
     source = _resolve_source(cfg.pretrained, field, expected)
     _load_hf_config(source, field, expected, VISION_MODEL_TYPES)

@@ -359,7 +359,10 @@ def export_encoders(run: Path | str, out: Path | str) -> dict[str, Path]:
     taken = [str(p) for p in paths.values() if p.exists()]
     if taken:
         raise MedvlpError(f"{taken[0]} already exists; export into another folder")
-    _, model, tokenizer = load_run(run)
+    config, model, tokenizer = load_run(run)
+    if config.model.vision.conv_stem:
+        raise MedvlpError(f"{run} has a convolutional stem (model.vision.conv_stem), which a Hugging Face CLIP "
+                          "vision checkpoint cannot hold; fine-tune from the run itself (--init) instead")
     model.vision.model.save_pretrained(paths["vision"])
     model.text.model.save_pretrained(paths["text"])
     for weights in [*paths["vision"].glob("*.safetensors"), *paths["text"].glob("*.safetensors")]:
