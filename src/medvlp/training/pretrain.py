@@ -37,6 +37,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import lightning as L
@@ -52,8 +53,8 @@ from medvlp.data.synthetic import SynthConfig, ensure_corpus
 from medvlp.errors import ConfigError, DataError, MedvlpError
 from medvlp.models.config import ModelConfig, model_config, model_size_of
 from medvlp.models.model import MedVLP, build_model
-from medvlp.objectives import (hard_negatives, itc_loss, itm_batch, itm_loss, local_alignment_loss, mim_loss,
-                               mlm_loss, random_negatives)
+from medvlp.objectives import (hard_negatives, itc_loss, itm_batch, itm_loss, itm_swap, local_alignment_loss,
+                               mim_loss, mlm_loss, random_negatives)
 from medvlp.training.checkpoint import Checkpointer, resolve_checkpoint
 from medvlp.training.optim import OptimConfig, build_optimizer, build_schedule
 from medvlp.training.trainer import TrainerConfig, build_trainer
@@ -186,13 +187,34 @@ def pretrain_losses(model: MedVLP, batch: dict[str, Any], tasks: TasksConfig) ->
             logits, labels = reused_itm(model, passes["pair"], batch, tasks.hard_negatives)
             itm_out, itm_targets = dataclasses.replace(passes["pair"], itm_logits=logits), {"itm_labels": labels}
         else:
-            itm_targets = itm_batch(batch)
-            itm_out = passes["itm"] = model(itm_targets, itm=True)
+            itm_out, itm_targets = swapped_itm(model, passes, batch)
         parts["itm"], m = itm_loss(itm_out, itm_targets)
         metrics["itm_acc"] = m["accuracy"]
     weights = tasks.weights()
     total = sum(weights[name] * loss for name, loss in parts.items())
     return total, {**{f"{k}_loss": v.detach() for k, v in parts.items()}, **metrics}, passes
+
+
+def swapped_itm(model: MedVLP, passes: dict[str, Any], batch: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """M3AE's ITM pass: half of the batch with another sample's image (``objectives.itm_swap``), every pair fused
+    and scored. Returns an output with ``itm_logits`` and the targets (``itm_labels``) for ``itm_loss``.
+
+    The step encodes each distinct input once: when another pass of the step has already encoded the whole
+    images (the MLM pass) and the whole texts (the MIM pass), the ITM pass fuses those states, the images indexed
+    by the swap, instead of encoding them again. The encoders see every sample on its own, so this computes the
+    same logits as the pass on the swapped batch (``itm_batch``) up to float rounding, and backward sums the two
+    uses' gradients into one encoder pass. With dropout on, the ITM pass shares the other pass's encoder dropout
+    masks instead of drawing its own. Without both states (``mlm`` or ``mim`` switched off) it runs its own pass.
+    """
+    whole_image = next((p.image_features for p in passes.values() if p.masking is None), None)
+    whole_text = next((p.text_features for p in passes.values() if p.mlm_positions is None), None)
+    source, labels = itm_swap(batch["input_ids"].shape[0])
+    if whole_image is None or whole_text is None:
+        targets = {**batch, "pixels": batch["pixels"][source.to(batch["pixels"].device)], "itm_labels": labels}
+        out = passes["itm"] = model(targets, itm=True)
+        return out, targets
+    logits = model.match(whole_text, batch["attention_mask"], whole_image[source.to(whole_image.device)])
+    return SimpleNamespace(itm_logits=logits), {"itm_labels": labels}
 
 
 def whole_image_alignment(model: MedVLP, pair: Any, batch: dict[str, Any]) -> Any:
@@ -391,7 +413,8 @@ def _pretrain(config: PretrainConfig, resume: bool, callbacks: Sequence[L.Callba
     module = PretrainModule(config, build_model(config.model), tokenizer, train, val)
     t = config.trainer
     callbacks = [Checkpointer(run_dir / "checkpoints", t.checkpoint_every, t.keep_checkpoints), *callbacks]
-    trainer = build_trainer(run_dir, t, grad_clip=config.optim.grad_clip, callbacks=callbacks, validate=True)
+    trainer = build_trainer(run_dir, t, grad_clip=config.optim.grad_clip, callbacks=callbacks, validate=True,
+                            params=sum(p.numel() for p in module.model.parameters()))
     trainer.fit(module, ckpt_path=str(checkpoint) if checkpoint else None, weights_only=True)
     if trainer.is_global_zero:
         final = {k: round(v.item(), 4) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
