@@ -386,7 +386,8 @@ def _finetune(config: FinetuneConfig, callbacks: Sequence[L.Callback]) -> Path:
     selection = ModelSelection(lambda m: task.evaluate(m, val_loader, val, config.retrieval), task.selection,
                                run_dir, config.trainer.val_every)
     trainer = build_trainer(run_dir, config.trainer, grad_clip=config.optim.grad_clip,
-                            callbacks=[selection, *callbacks], validate=False)
+                            callbacks=[selection, *callbacks], validate=False,
+                            params=sum(p.numel() for p in model.parameters()))
     trainer.fit(FinetuneModule(config, task, model, tokenizer, train), weights_only=True)
     if not trainer.is_global_zero:
         return run_dir
