@@ -112,3 +112,37 @@ def test_cpu_flags_are_read_from_cpuinfo(monkeypatch, tmp_path):
     real = trainer_module.Path
     monkeypatch.setattr(trainer_module, "Path", lambda p: real(cpuinfo) if p == "/proc/cpuinfo" else real(p))
     assert trainer_module.cpu_flags() == {"fpu", "avx2", "avx512_bf16"}
+
+
+def test_the_fusion_stops_at_the_layers_the_heads_read_with_the_states_of_the_whole_fusion():
+    model, batch = tiny(), random_batch()
+    model.eval()
+    text = model.encode_text(batch["input_ids"], batch["attention_mask"])
+    image = model.encode_image(batch["pixels"]).states
+    whole = model.fusion(text, batch["attention_mask"], image)
+    layers = model.cfg.fusion.num_layers
+    for text_upto, image_upto in [(layers, 0), (0, 1), (0, 0), (1, 2)]:
+        part = model.fusion(text, batch["attention_mask"], image, (text_upto, image_upto))
+        assert part.joint is None and len(part.text_states) + len(part.image_states) < 2 * (layers + 1)
+        assert torch.equal(part.text_states[text_upto], whole.text_states[text_upto])
+        assert torch.equal(part.image_states[image_upto], whole.image_states[image_upto])
+    assert torch.equal(model.fusion(text, batch["attention_mask"], image, (layers, layers)).joint, whole.joint)
+
+
+@pytest.mark.parametrize("tasks", [TasksConfig(), TasksConfig(paired_masking=True, itc=1.0, local=1.0,
+                                                                hard_negatives=True, itm=0.0)])
+def test_the_step_with_a_shorter_fusion_has_the_losses_and_gradients_of_the_whole_fusion(monkeypatch, tasks):
+    model, batch = tiny(), random_batch()
+    torch.manual_seed(7)
+    total, logs, _ = pretrain_losses(model, batch, tasks)
+    grads = gradients(model, total)
+    forward = type(model.fusion).forward
+    monkeypatch.setattr(type(model.fusion), "forward", lambda self, *args, upto=None: forward(self, *args[:3]))
+    torch.manual_seed(7)
+    whole_total, whole_logs, _ = pretrain_losses(model, batch, tasks)
+    whole_grads = gradients(model, whole_total)
+    for name, value in whole_logs.items():
+        assert torch.allclose(logs[name], value, atol=1e-6), name
+    assert grads.keys() == whole_grads.keys()
+    for name, grad in grads.items():
+        assert torch.allclose(grad, whole_grads[name], atol=1e-6), name
