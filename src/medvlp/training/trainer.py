@@ -34,6 +34,7 @@ class TrainerConfig:
     log_every: int = 10
     pictures: int = 4  # held-out samples in each pre-training validation picture
     progress_bar: bool = True
+    compile: bool = False  # torch.compile the encoders, fusion and pixel decoder (see docs/performance.md)
 
 
 def build_trainer(run_dir: Path, t: TrainerConfig, *, grad_clip: float, callbacks: Sequence[L.Callback],
