@@ -21,7 +21,8 @@ precision used (and of fp32), peak memory, which precision ``auto`` picked and w
 
 A configuration is ``[CODE:]METHOD-SIZE[:PRECISION]``; CODE is a name given with ``--code NAME=SRC`` (default:
 this checkout); PRECISION defaults to ``--precision``. ``--compare A,B`` prints B's samples/s over A's; without
-it, MPMA over M3AE for every size and code measured. ``--compile`` also measures each configuration with its
+it, MPMA over M3AE for every size and code measured. ``--repeat N`` measures every configuration N times,
+round-robin (on a shared machine a busy spell then slows every configuration). ``--compile`` also measures each configuration with its
 encoders, fusion and decoder compiled (``torch.compile``; the compile time is the warm-up step's extra time).
 """
 
@@ -181,9 +182,17 @@ def measure(method: str, size: str, batch_size: int, steps: int, precision: str,
         step()
         sync(device)
         times.append(time.perf_counter() - start)
-    return {"params": params, "seconds": sum(times) / len(times), "min_seconds": min(times), "first": first,
+    return {"params": params, "times": times, "seconds": sum(times) / len(times), "min_seconds": min(times),
+            "first": first,
             "flops": flops, "memory": peak_memory(device), "precision": precision, "why": why,
             "medvlp": str(Path(sys.modules["medvlp"].__file__).parent)}
+
+
+def merged(before: dict, again: dict) -> dict:
+    """The figures of two measurements of one configuration: all their timed steps together."""
+    times = before["times"] + again["times"]
+    return {**before, "times": times, "seconds": sum(times) / len(times), "min_seconds": min(times),
+            "memory": max(before["memory"], again["memory"])}
 
 
 def run_config(config: Config, src: str | None, args) -> dict:
@@ -220,7 +229,8 @@ def cpu_name() -> str:
 def report(config: Config, result: dict, batch_size: int, peaks: dict[str, float]) -> str:
     seconds = result["seconds"]
     line = (f"{config.name:22s} {result['params'] / 1e6:6.1f}M params, {result['precision']}: "
-            f"{batch_size / seconds:8.2f} samples/s ({seconds:.3f} s/step, min {result['min_seconds']:.3f})")
+            f"{batch_size / seconds:8.2f} samples/s ({seconds:.3f} s/step over {len(result['times'])} steps, "
+            f"fastest {result['min_seconds']:.3f})")
     if result["flops"]:
         achieved = result["flops"] / seconds
         kind = "bf16" if result["precision"].startswith("bf16") else "fp32"
@@ -245,6 +255,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--precision", default="auto", help="auto, 32-true or bf16-mixed")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="measure every configuration this many times, round-robin, in fresh processes")
     parser.add_argument("--compile", action="store_true", help="torch.compile the encoders, fusion and decoder")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -261,12 +273,17 @@ def main() -> None:
     print(f"matmul peak measured: bf16 {peaks['bf16'] / 1e9:,.1f} GFLOP/s, fp32 {peaks['fp32'] / 1e9:,.1f} GFLOP/s",
           flush=True)
     results: dict[str, dict] = {}  # by name:precision, and by name for the first precision measured
-    for config in configs:
-        result = results[config.label] = run_config(config, codes.get(config.code), args)
-        results.setdefault(config.name, result)
-        if config.code != THIS:
-            print(f"{config.name}: medvlp from {result['medvlp']}", flush=True)
-        print(report(config, result, args.batch_size, peaks), flush=True)
+    for repeat in range(args.repeat):  # round-robin, so that a busy spell of the machine hits every configuration
+        for config in configs:
+            result = run_config(config, codes.get(config.code), args)
+            if repeat:
+                result = merged(results[config.label], result)
+            results[config.label] = result
+            results.setdefault(config.name, result)
+            if config.code != THIS and not repeat:
+                print(f"{config.name}: medvlp from {result['medvlp']}", flush=True)
+            if repeat == args.repeat - 1:
+                print(report(config, result, args.batch_size, peaks), flush=True)
     if not args.compare:  # MPMA over M3AE, for every size and code measured
         for c in configs:
             m3ae = results.get(f"{c.code + ':' if c.code != THIS else ''}m3ae-{c.size}:{c.precision}")

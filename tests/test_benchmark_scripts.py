@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import benchmark_script
+from helpers import ROOT, benchmark_script
 
 from medvlp.data import synthetic as S
 from medvlp.data.records import Records
@@ -51,8 +51,24 @@ def test_pretrain_throughput_prints_both_methods_and_their_ratio(monkeypatch, ca
     benchmark_script("pretrain").main()
     out = capsys.readouterr().out
     assert "matmul peak measured" in out
-    assert "m3ae tiny" in out and "mpma tiny" in out
+    lines = {line.split()[0]: line for line in out.splitlines() if line.startswith(("m3ae-tiny", "mpma-tiny"))}
+    assert lines.keys() == {"m3ae-tiny", "mpma-tiny"}
+    for line in lines.values():
+        assert "samples/s" in line and "GFLOP/step" in line and "of the fp32 peak" in line
+        assert "peak memory" in line and "precision: auto: " in line
     assert "tiny: MPMA paired step / M3AE three-pass step = " in out
+
+
+def test_pretrain_throughput_compares_another_checkout_in_the_same_run(monkeypatch, capsys):
+    src = str(ROOT / "src")  # this checkout again, under another name
+    monkeypatch.setattr(sys, "argv", ["pretrain.py", "--code", f"again={src}", "--configs", "m3ae-tiny:32-true",
+                                      "again:m3ae-tiny:32-true", "--compare", "m3ae-tiny,again:m3ae-tiny",
+                                      "--steps", "1", "--batch-size", "2"])
+    benchmark_script("pretrain").main()
+    out = capsys.readouterr().out
+    assert f"again:m3ae-tiny: medvlp from {src}" in out
+    assert "precision: as configured" in out
+    assert "again:m3ae-tiny / m3ae-tiny: " in out and "x samples/s (fastest steps: " in out
 
 
 def test_loader_throughput_reads_a_prepared_dataset(classification, monkeypatch, capsys):

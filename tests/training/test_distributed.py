@@ -70,3 +70,37 @@ def test_two_ddp_processes_train_like_one_at_the_same_global_batch(tmp_path):
         assert len(compared) == (4 if method == "mpma" else 3)
         for name in compared:
             assert double[f"val/{name}"] == pytest.approx(single[f"val/{name}"], rel=TOLERANCE[name]), (method, name)
+
+
+def test_two_nodes_under_torchrun_read_disjoint_samples_and_end_with_the_same_weights(tmp_path):
+    """``torchrun --nnodes 2 --nproc-per-node 1`` twice on 127.0.0.1, as two nodes would start it: every rank reads
+    its own global batches of the sample stream (together: all of them, once) and both end with the same weights.
+    The tokenizer is trained beforehand and named (``data.tokenizer``), as a multi-node run should do, so that the
+    ranks, which start at once, do not each train one into the shared run folder."""
+    from medvlp.data.tokenizer import train_tokenizer
+
+    batch, steps = 4, 3
+    config = load_pretrain_config(None, overrides(tmp_path, "corpus", batch))
+    corpus = ensure_corpus(Path(config.data.synthetic_dir), config.data.synthetic)
+    from medvlp.data.records import Records
+
+    captions = [c for value in Records(corpus / "pretrain", "train").column("captions") for c in value]
+    train_tokenizer(captions, tmp_path / "tokenizer", vocab_size=400)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1"}
+    port = str(free_port())
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1", "--node-rank",
+         str(node), "--master-addr", "127.0.0.1", "--master-port", port,
+         str(Path(__file__).with_name("torchrun_worker.py")), str(tmp_path),
+         *overrides(tmp_path, "run", batch), f"trainer.max_steps={steps}", f"data.tokenizer={tmp_path / 'tokenizer'}",
+         "trainer.devices=1", "trainer.num_nodes=2", "trainer.strategy=ddp"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=tmp_path) for node in range(2)]
+    logs = [proc.communicate(timeout=300)[0].decode() for proc in procs]
+    assert all(proc.returncode == 0 for proc in procs), [log[-3000:] for log in logs]
+    ranks = [json.loads((tmp_path / f"rank-{rank}.json").read_text()) for rank in range(2)]
+    assert [r["world"] for r in ranks] == [2, 2] and [r["steps"] for r in ranks] == [steps, steps]
+    # rank r reads global batches r, r + 2, ...: disjoint, and together the first 2 * steps batches of the stream
+    for rank, record in enumerate(ranks):
+        assert record["keys"] == [k for b in range(rank, 2 * steps, 2) for k in range(b * batch, (b + 1) * batch)]
+    assert ranks[0]["weights"] == ranks[1]["weights"]
