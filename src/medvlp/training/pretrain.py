@@ -3,7 +3,8 @@
 One step runs the objectives the config switches on, each a pure function from ``medvlp.objectives``:
 
 - M3AE (``paired_masking: false``): three passes, as the reference code does: masked text + whole image
-  (MLM), masked image + whole text (MIM), and the ITM pass on a batch with half its images swapped at random.
+  (MLM), masked image + whole text (MIM), and the ITM pass on a batch with half its images swapped at random,
+  which fuses the whole images and whole texts the first two passes encoded (``swapped_itm``).
 - MPMA (``paired_masking: true``): masked image (75%) and masked text (15%) in ONE pass; MLM, MIM, the global
   and local alignment and the ITM positives are all read from it, and the ITM negatives fuse its text states
   with other samples' image states (no second encoding). With ``hard_negatives`` those images are drawn in
