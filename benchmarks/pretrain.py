@@ -274,16 +274,19 @@ def main() -> None:
           flush=True)
     results: dict[str, dict] = {}  # by name:precision, and by name for the first precision measured
     for repeat in range(args.repeat):  # round-robin, so that a busy spell of the machine hits every configuration
+        if args.repeat > 1:
+            print(f"round {repeat + 1} of {args.repeat}:", flush=True)
         for config in configs:
             result = run_config(config, codes.get(config.code), args)
-            if repeat:
-                result = merged(results[config.label], result)
-            results[config.label] = result
-            results.setdefault(config.name, result)
             if config.code != THIS and not repeat:
                 print(f"{config.name}: medvlp from {result['medvlp']}", flush=True)
-            if repeat == args.repeat - 1:
-                print(report(config, result, args.batch_size, peaks), flush=True)
+            print(report(config, result, args.batch_size, peaks), flush=True)
+            results[config.label] = merged(results[config.label], result) if repeat else result
+            results.setdefault(config.name, results[config.label])
+    if args.repeat > 1:
+        print(f"all {args.repeat} rounds:", flush=True)
+        for config in configs:
+            print(report(config, results[config.label], args.batch_size, peaks), flush=True)
     if not args.compare:  # MPMA over M3AE, for every size and code measured
         for c in configs:
             m3ae = results.get(f"{c.code + ':' if c.code != THIS else ''}m3ae-{c.size}:{c.precision}")
