@@ -36,8 +36,8 @@ import platform
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -88,8 +88,7 @@ def random_batch(cfg, batch_size: int, length: int = 64) -> dict[str, torch.Tens
 
 
 # -- one configuration, in its own process --------------------------------------------------------------------------
-@dataclass
-class Config:
+class Config(NamedTuple):
     code: str
     method: str
     size: str
@@ -200,7 +199,7 @@ def run_config(config: Config, src: str | None, args) -> dict:
     env = dict(os.environ)
     if src:
         env["PYTHONPATH"] = os.pathsep.join([src, *filter(None, [env.get("PYTHONPATH")])])
-    command = [sys.executable, __file__, "--worker", json.dumps({**asdict(config), "batch_size": args.batch_size,
+    command = [sys.executable, __file__, "--worker", json.dumps({**config._asdict(), "batch_size": args.batch_size,
                                                                  "steps": args.steps, "compile": args.compile})]
     done = subprocess.run(command, env=env, capture_output=True, text=True)
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
@@ -265,6 +264,11 @@ def main() -> None:
     codes = dict(item.split("=", 1) for item in args.code)
     texts = args.configs or [f"{m}-{s}" for s in args.sizes for m in args.methods]
     configs = [parse_config(text, args.precision, codes) for text in texts]
+    known = {c.name for c in configs} | {c.label for c in configs}
+    for pair in args.compare:  # before anything is measured
+        if len(pair.split(",")) != 2 or not set(pair.split(",")) <= known:
+            raise SystemExit(f"--compare {pair}: give A,B and measure both (--configs); configured: "
+                             f"{', '.join(sorted(known))}")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     peaks = {"bf16": matmul_peak(torch.bfloat16, device), "fp32": matmul_peak(torch.float32, device)}
     name = torch.cuda.get_device_name() if device == "cuda" else cpu_name()
@@ -297,8 +301,6 @@ def main() -> None:
                       f"{m3ae['seconds'] / results[c.label]['seconds']:.2f}x samples/s", flush=True)
     for pair in args.compare:
         a, b = pair.split(",")
-        if a not in results or b not in results:
-            raise SystemExit(f"--compare {pair}: measure both (--configs); measured {', '.join(results)}")
         print(f"{b} / {a}: {results[a]['seconds'] / results[b]['seconds']:.2f}x samples/s (fastest steps: "
               f"{results[a]['min_seconds'] / results[b]['min_seconds']:.2f}x)", flush=True)
 
