@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import benchmark_script
+from helpers import ROOT, benchmark_script
 
 from medvlp.data import synthetic as S
 from medvlp.data.records import Records
@@ -47,13 +47,24 @@ def test_lesion_probe_trains_and_reports_held_out_accuracy(classification, encod
     assert all("held-out accuracy" in line for line in lines[1:])
 
 
-def test_pretrain_throughput_prints_both_methods_and_their_ratio(monkeypatch, capsys):
-    monkeypatch.setattr(sys, "argv", ["pretrain.py", "--sizes", "tiny", "--steps", "1", "--batch-size", "2"])
+def test_pretrain_throughput_prints_both_methods_their_ratio_and_another_checkout(monkeypatch, capsys):
+    src = str(ROOT / "src")  # this checkout again, under another name
+    monkeypatch.setattr(sys, "argv", ["pretrain.py", "--code", f"again={src}", "--configs", "m3ae-tiny", "mpma-tiny",
+                                      "again:m3ae-tiny:32-true", "--steps", "1", "--batch-size", "2"])
     benchmark_script("pretrain").main()
     out = capsys.readouterr().out
     assert "matmul peak measured" in out
-    assert "m3ae tiny" in out and "mpma tiny" in out
+    lines = {line.split()[0]: line for line in out.splitlines() if "params" in line}
+    assert lines.keys() == {"m3ae-tiny", "mpma-tiny", "again:m3ae-tiny"}
+    for line in lines.values():
+        assert "samples/s" in line and "GFLOP/step" in line and "of the fp32 peak" in line and "peak memory" in line
+    assert "precision: auto: " in lines["m3ae-tiny"] and "precision: as configured" in lines["again:m3ae-tiny"]
+    assert f"again:m3ae-tiny: medvlp from {src}" in out
     assert "tiny: MPMA paired step / M3AE three-pass step = " in out
+
+    monkeypatch.setattr(sys, "argv", ["pretrain.py", "--configs", "m3ae-tiny", "--compare", "m3ae-tiny,mpma-tiny"])
+    with pytest.raises(SystemExit, match="measure both"):
+        benchmark_script("pretrain").main()
 
 
 def test_loader_throughput_reads_a_prepared_dataset(classification, monkeypatch, capsys):

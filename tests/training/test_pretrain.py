@@ -121,11 +121,12 @@ class CountingModel(torch.nn.Module):
 
 
 @pytest.mark.parametrize("switches, passes, matches, parts", [
-    ({}, [{"mask_text"}, {"mask_image"}, {"itm"}], 0, {"mlm", "mim", "itm"}),  # M3AE: three passes
+    ({}, [{"mask_text"}, {"mask_image"}], 1, {"mlm", "mim", "itm"}),  # M3AE: ITM fuses the other passes' states
     ({"paired_masking": True, "itc": 1.0, "local": 1.0, "hard_negatives": True},
      [{"mask_image", "mask_text", "itm", "align"}], 1, {"mlm", "mim", "itm", "itc", "local"}),  # MPMA: one pass
     ({"paired_masking": True}, [{"mask_image", "mask_text", "itm"}], 1, {"mlm", "mim", "itm"}),
-    ({"itc": 1.0}, [{"mask_text", "align"}, {"mask_image"}, {"itm"}], 0, {"mlm", "mim", "itm", "itc"}),
+    ({"itc": 1.0}, [{"mask_text", "align"}, {"mask_image"}], 1, {"mlm", "mim", "itm", "itc"}),
+    ({"mim": 0.0}, [{"mask_text"}, {"itm"}], 0, {"mlm", "itm"}),  # no whole-text pass to reuse: its own ITM pass
     ({"hard_negatives": True}, [{"mask_text", "itm", "align"}, {"mask_image"}], 1, {"mlm", "mim", "itm"}),
     ({"mlm": 0.0, "mim": 0.0, "itm": 0.0, "itc": 1.0}, [{"align"}], 0, {"itc"}),
     ({"paired_masking": True, "mlm": 0.0, "itc": 1.0}, [{"mask_image", "itm", "align"}], 1, {"mim", "itm", "itc"}),

@@ -118,14 +118,15 @@ class MemoryBlock(nn.Module):
 class FusionOutput:
     """Per-layer states of both streams (index 0 = fusion input, i = output of layer i) and the pooled outputs.
 
-    ``joint`` = ``cat(text_pooled, image_pooled)`` [B, 2W] is the joint representation the task heads read.
+    ``joint`` = ``cat(text_pooled, image_pooled)`` [B, 2W] is the joint representation the task heads read (None,
+    as the pooled outputs, when the fusion stopped early: see ``CoAttentionFusion.forward``'s ``upto``).
     """
 
     text_states: list[Tensor]
     image_states: list[Tensor]
-    text_pooled: Tensor
-    image_pooled: Tensor
-    joint: Tensor
+    text_pooled: Tensor | None
+    image_pooled: Tensor | None
+    joint: Tensor | None
 
 
 class CoAttentionFusion(nn.Module):
@@ -160,19 +161,38 @@ class CoAttentionFusion(nn.Module):
             if isinstance(block, MemoryBlock):
                 block.zero_output_()
 
-    def forward(self, text: Tensor, attention_mask: Tensor, image: Tensor) -> FusionOutput:
-        """``text`` [B, L, Dt] with ``attention_mask`` [B, L] (1 = real); ``image`` [B, 1 + K, Dv]."""
+    def forward(self, text: Tensor, attention_mask: Tensor, image: Tensor,
+                upto: tuple[int, int] | None = None) -> FusionOutput:
+        """``text`` [B, L, Dt] with ``attention_mask`` [B, L] (1 = real); ``image`` [B, 1 + K, Dv].
+
+        ``upto`` = (text index, image index) computes only the states a caller reads, up to these indices into
+        ``text_states`` / ``image_states``, and what they depend on (stream layer ``i`` reads the other stream's
+        state ``i - 1``); those states are the ones the whole fusion computes, the later ones are left out, and
+        the pooled outputs and ``joint`` are None unless both streams ran to the end. None runs everything.
+        """
+        layers = len(self.text_layers)
+        text_upto, image_upto = upto if upto is not None else (layers, layers)
+        text_upto, image_upto = max(text_upto, image_upto - 1), max(image_upto, text_upto - 1)
         text_mask = key_padding_mask(attention_mask)
         t = self.text_proj(text) + self.modality.weight[0]
         v = self.image_proj(image) + self.modality.weight[1]
         text_states, image_states = [t], [v]
-        for i, (text_layer, image_layer) in enumerate(zip(self.text_layers, self.image_layers, strict=True)):
-            t, v = text_layer(t, text_mask, v, None), image_layer(v, None, t, text_mask)
+        for i in range(max(text_upto, image_upto)):
+            new_t = self.text_layers[i](t, text_mask, v, None) if i < text_upto else None
+            new_v = self.image_layers[i](v, None, t, text_mask) if i < image_upto else None
             if self.memory is not None:
                 memory = self.memory[i if self.memory.shape[0] > 1 else 0]
-                t, v = self.text_memory[i](t, memory), self.image_memory[i](v, memory)
-            text_states.append(t)
-            image_states.append(v)
+                new_t = None if new_t is None else self.text_memory[i](new_t, memory)
+                new_v = None if new_v is None else self.image_memory[i](new_v, memory)
+            if new_t is not None:
+                text_states.append(new_t)
+                t = new_t
+            if new_v is not None:
+                image_states.append(new_v)
+                v = new_v
+        if text_upto < layers or image_upto < layers:
+            return FusionOutput(text_states=text_states, image_states=image_states, text_pooled=None,
+                                image_pooled=None, joint=None)
         text_pooled, image_pooled = self.text_pooler(t), self.image_pooler(v)
         return FusionOutput(text_states=text_states, image_states=image_states, text_pooled=text_pooled,
                             image_pooled=image_pooled, joint=torch.cat([text_pooled, image_pooled], dim=-1))

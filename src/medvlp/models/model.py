@@ -247,6 +247,10 @@ class MedVLP(nn.Module):
           token-level embeddings and the logit scale; see ``MedVLPOutput``) for ``objectives.itc_loss`` and
           ``objectives.local_alignment_loss``. One linear per modality over the whole sequence.
 
+        A pass for MLM and/or MIM alone computes only the fusion layers their heads read (MIM reads an inner
+        layer's image states, MLM the text states; the later layers would change no output); ``fusion.joint``
+        is None then. Any other pass runs the whole fusion.
+
         M3AE runs three passes per step (``mask_text``; ``mask_image``; ``itm`` on a swapped batch); MPMA's
         paired masking is one pass with ``mask_image`` and ``mask_text`` together. ``image_noise`` [B, N] chooses
         the kept patches instead of a random draw (to replay a given mask).
@@ -255,7 +259,10 @@ class MedVLP(nn.Module):
         image = self.encode_image(pixels, self.cfg.image_mask_ratio if mask_image else 0.0, generator, image_noise)
         input_ids = batch["mlm_input_ids"] if mask_text else batch["input_ids"]
         text = self.encode_text(input_ids, batch["attention_mask"])
-        fused = self.fuse(text, batch["attention_mask"], image.states)
+        upto = None  # the fusion states the heads read: up to MLM's and MIM's when only they are asked for
+        if (mask_text or mask_image) and not (itm or classify):
+            upto = (self.cfg.mlm_layer_index if mask_text else 0, self.cfg.mim_layer if mask_image else 0)
+        fused = self.fusion(text, batch["attention_mask"].to(text.device), image.states, upto)
         out = MedVLPOutput(text_features=text, image_features=image.states, fusion=fused, masking=image.masking)
         if mask_text:
             out.mlm_positions = batch["mlm_labels"].to(text.device) != IGNORE_INDEX

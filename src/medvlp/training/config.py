@@ -42,7 +42,7 @@ def _devices_ok(value: str) -> bool:
 class TrainerConfig:
     max_steps: int = field(default=500, metadata=at_least(1))
     accumulate: int = field(default=1, metadata=at_least(1, "batches per optimiser step"))
-    # bf16-mixed where bf16 matrix work is fast (GPU, CPU with AMX), else 32-true
+    # bf16-mixed where it pays (see trainer.choose_precision), else 32-true
     precision: str = field(default="auto", metadata=one_of(*PRECISIONS))
     accelerator: str = "auto"
     devices: str = field(default="auto", metadata=check(
@@ -58,6 +58,7 @@ class TrainerConfig:
     log_every: int = field(default=10, metadata=at_least(1))
     pictures: int = field(default=4, metadata=at_least(0))  # held-out samples in each pre-training validation picture
     progress_bar: bool = True
+    compile: bool = False  # torch.compile the encoders, fusion and pixel decoder (see docs/performance.md)
 
 
 @dataclass

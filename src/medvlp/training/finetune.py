@@ -380,7 +380,8 @@ def _finetune(config: FinetuneConfig, callbacks: Sequence[L.Callback], resume: b
     t = config.trainer
     checkpointer = Checkpointer(run_dir / "checkpoints", t.checkpoint_every, t.keep_checkpoints)
     trainer = build_trainer(run_dir, t, grad_clip=config.optim.grad_clip,
-                            callbacks=[selection, checkpointer, *callbacks], validate=False)
+                            callbacks=[selection, checkpointer, *callbacks], validate=False,
+                            params=sum(p.numel() for p in model.parameters()))
     trainer.fit(FinetuneModule(config, task, model, tokenizer, train), ckpt_path=checkpoint and str(checkpoint),
                 weights_only=True)
     if not trainer.is_global_zero:

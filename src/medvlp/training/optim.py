@@ -15,10 +15,15 @@ from medvlp.training.config import OptimConfig
 __all__ = ["OptimConfig", "build_optimizer", "build_schedule", "warmup_linear"]
 
 
+FUSED_DEVICES = ("cpu", "cuda")
+"""Devices with PyTorch's fused AdamW kernel (one kernel over all parameters instead of a loop over tensors)."""
+
+
 def build_optimizer(model: MedVLP, config: OptimConfig) -> torch.optim.AdamW:
-    """AdamW over {encoders, fusion + heads} x {decay, no decay} (see ``models.param_groups``)."""
+    """AdamW over {encoders, fusion + heads} x {decay, no decay} (see ``models.param_groups``), fused where the
+    parameters' device has the kernel (it computes what the per-tensor loop does)."""
     groups = param_groups(model, config.lr, config.weight_decay, config.head_lr_mult, config.classifier_lr_mult)
-    fused = all(p.is_cuda for g in groups for p in g["params"]) or None
+    fused = all(p.device.type in FUSED_DEVICES for g in groups for p in g["params"]) or None
     return torch.optim.AdamW(groups, betas=config.betas, eps=config.eps, fused=fused)
 
 

@@ -3,7 +3,8 @@
 One step runs the objectives the config switches on, each a pure function from ``medvlp.objectives``:
 
 - M3AE (``paired_masking: false``): three passes, as the reference code does: masked text + whole image
-  (MLM), masked image + whole text (MIM), and the ITM pass on a batch with half its images swapped at random.
+  (MLM), masked image + whole text (MIM), and the ITM pass on a batch with half its images swapped at random,
+  which fuses the whole images and whole texts the first two passes encoded (``swapped_itm``).
 - MPMA (``paired_masking: true``): masked image (75%) and masked text (15%) in ONE pass; MLM, MIM, the global
   and local alignment and the ITM positives are all read from it, and the ITM negatives fuse its text states
   with other samples' image states (no second encoding). With ``hard_negatives`` those images are drawn in
@@ -36,6 +37,7 @@ import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import lightning as L
@@ -56,6 +58,7 @@ from medvlp.objectives import (
     itc_loss,
     itm_batch,
     itm_loss,
+    itm_swap,
     local_alignment_loss,
     mim_loss,
     mlm_loss,
@@ -104,13 +107,34 @@ def pretrain_losses(model: MedVLP, batch: dict[str, Any], tasks: TasksConfig) ->
             logits, labels = reused_itm(model, passes["pair"], batch, tasks.hard_negatives)
             itm_out, itm_targets = dataclasses.replace(passes["pair"], itm_logits=logits), {"itm_labels": labels}
         else:
-            itm_targets = itm_batch(batch)
-            itm_out = passes["itm"] = model(itm_targets, itm=True)
+            itm_out, itm_targets = swapped_itm(model, passes, batch)
         parts["itm"], m = itm_loss(itm_out, itm_targets)
         metrics["itm_acc"] = m["accuracy"]
     weights = tasks.weights()
     total = sum(weights[name] * loss for name, loss in parts.items())
     return total, {**{f"{k}_loss": v.detach() for k, v in parts.items()}, **metrics}, passes
+
+
+def swapped_itm(model: MedVLP, passes: dict[str, Any], batch: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """M3AE's ITM pass: half of the batch with another sample's image (``objectives.itm_swap``), every pair fused
+    and scored. Returns an output with ``itm_logits`` and the targets (``itm_labels``) for ``itm_loss``.
+
+    The step encodes each distinct input once: when another pass of the step has already encoded the whole
+    images (the MLM pass) and the whole texts (the MIM pass), the ITM pass fuses those states, the images indexed
+    by the swap, instead of encoding them again. The encoders see every sample on its own, so this computes the
+    same logits as the pass on the swapped batch (``itm_batch``) up to float rounding, and backward sums the two
+    uses' gradients into one encoder pass. With dropout on, the ITM pass shares the other pass's encoder dropout
+    masks instead of drawing its own. Without both states (``mlm`` or ``mim`` switched off) it runs its own pass.
+    """
+    whole_image = next((p.image_features for p in passes.values() if p.masking is None), None)
+    whole_text = next((p.text_features for p in passes.values() if p.mlm_positions is None), None)
+    source, labels = itm_swap(batch["input_ids"].shape[0])
+    if whole_image is None or whole_text is None:
+        targets = {**batch, "pixels": batch["pixels"][source.to(batch["pixels"].device)], "itm_labels": labels}
+        out = passes["itm"] = model(targets, itm=True)
+        return out, targets
+    logits = model.match(whole_text, batch["attention_mask"], whole_image[source.to(whole_image.device)])
+    return SimpleNamespace(itm_logits=logits), {"itm_labels": labels}
 
 
 def whole_image_alignment(model: MedVLP, pair: Any, batch: dict[str, Any]) -> Any:
@@ -287,6 +311,14 @@ def with_tokenizer(model: ModelConfig, tokenizer: Any) -> ModelConfig:
     return dataclasses.replace(model, text=text)
 
 
+def compile_parts(model: MedVLP) -> None:
+    """``torch.compile`` the encoders, the fusion and the pixel decoder in place (their weights keep their names).
+    Off by default: on a 2-core CPU the first step of ``m3ae-tiny`` compiled for 4 minutes and the later steps
+    ran slower than without compiling (docs/performance.md)."""
+    for part in (model.vision, model.text, model.fusion, model.mim_decoder):
+        part.compile()
+
+
 def pretrain(config: PretrainConfig, *, resume: bool = False, callbacks: Sequence[L.Callback] = ()) -> Path:
     """Pre-train a model as configured; returns the run folder (config, tokenizer, checkpoints, logs, pictures)."""
     try:
@@ -320,9 +352,12 @@ def _pretrain(config: PretrainConfig, resume: bool, callbacks: Sequence[L.Callba
                                      crop_scale=tuple(config.data.crop_scale)) for r in roots])
         val = Concat([FamilyDataset(r, _val_split(r), size, train=False) for r in roots])
         module = PretrainModule(config, build_model(config.model), tokenizer, train, val)
+        if config.trainer.compile:
+            compile_parts(module.model)
         t = config.trainer
         callbacks = [Checkpointer(run_dir / "checkpoints", t.checkpoint_every, t.keep_checkpoints), *callbacks]
-        trainer = build_trainer(run_dir, t, grad_clip=config.optim.grad_clip, callbacks=callbacks, validate=True)
+        trainer = build_trainer(run_dir, t, grad_clip=config.optim.grad_clip, callbacks=callbacks, validate=True,
+                                params=sum(p.numel() for p in module.model.parameters()))
         trainer.fit(module, ckpt_path=str(checkpoint) if checkpoint else None, weights_only=True)
         if trainer.is_global_zero:
             metrics = {"step": trainer.global_step, **module.last_validation}
