@@ -150,14 +150,16 @@ def pretrain_outputs(model, x: dict) -> dict[str, torch.Tensor]:
         result.update(prefixed("pos", {**fused_outputs(got, out, mask), "itm_logits": out.itm_logits}))
     with captured(model) as got:  # MLM pass: masked text, whole image; logits at every position
         batch = {**base, "mlm_input_ids": x["mlm_input_ids"], "mlm_labels": x["mlm_labels"]}
-        out = model(batch, mask_text=True)
+        out = model(batch, mask_text=True, whole_fusion=True)  # every fusion state, to compare them all
+        assert torch.equal(model(batch, mask_text=True).mlm_logits, out.mlm_logits)  # the step's shorter fusion
         logits = model.mlm_head(out.fusion.text_states[model.cfg.mlm_layer_index])
         head = model.mlm_head
         got["mlm_transform"] = head.norm(head.act(head.dense(out.fusion.text_states[model.cfg.mlm_layer_index])))
         mlm, _ = mlm_loss(out, batch)
         result.update(prefixed("mlm", {**fused_outputs(got, out, mask), "logits": logits, "loss": mlm}))
     with captured(model) as got:  # MIM pass: whole text, masked image (the fixture's noise)
-        out = model(base, mask_image=True, image_noise=x["mim_noise"])
+        out = model(base, mask_image=True, image_noise=x["mim_noise"], whole_fusion=True)
+        assert torch.equal(model(base, mask_image=True, image_noise=x["mim_noise"]).mim_pred, out.mim_pred)
         mim, _ = mim_loss(out, base, norm_pix_loss=model.cfg.norm_pix_loss)
         values = {**fused_outputs(got, out, mask), "mim_head_in": out.fusion.image_states[model.cfg.mim_layer],
                   "pred": out.mim_pred,

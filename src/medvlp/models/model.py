@@ -235,7 +235,8 @@ class MedVLP(nn.Module):
 
     def forward(self, batch: Mapping[str, Tensor], *, mask_image: bool = False, mask_text: bool = False,
                 itm: bool = False, align: bool = False, classify: bool = False,
-                generator: torch.Generator | None = None, image_noise: Tensor | None = None) -> MedVLPOutput:
+                generator: torch.Generator | None = None, image_noise: Tensor | None = None,
+                whole_fusion: bool = False) -> MedVLPOutput:
         """One pass over a batch; each head runs only when its task asks for it.
 
         - ``mask_image``: drop ``image_mask_ratio`` of the patches and predict their pixels (MIM).
@@ -249,7 +250,8 @@ class MedVLP(nn.Module):
 
         A pass for MLM and/or MIM alone computes only the fusion layers their heads read (MIM reads an inner
         layer's image states, MLM the text states; the later layers would change no output); ``fusion.joint``
-        is None then. Any other pass runs the whole fusion.
+        is None then, unless ``whole_fusion`` asks for every layer (to inspect them). Any other pass runs the
+        whole fusion.
 
         M3AE runs three passes per step (``mask_text``; ``mask_image``; ``itm`` on a swapped batch); MPMA's
         paired masking is one pass with ``mask_image`` and ``mask_text`` together. ``image_noise`` [B, N] chooses
@@ -260,7 +262,7 @@ class MedVLP(nn.Module):
         input_ids = batch["mlm_input_ids"] if mask_text else batch["input_ids"]
         text = self.encode_text(input_ids, batch["attention_mask"])
         upto = None  # the fusion states the heads read: up to MLM's and MIM's when only they are asked for
-        if (mask_text or mask_image) and not (itm or classify):
+        if (mask_text or mask_image) and not (itm or classify or whole_fusion):
             upto = (self.cfg.mlm_layer_index if mask_text else 0, self.cfg.mim_layer if mask_image else 0)
         fused = self.fusion(text, batch["attention_mask"].to(text.device), image.states, upto)
         out = MedVLPOutput(text_features=text, image_features=image.states, fusion=fused, masking=image.masking)
