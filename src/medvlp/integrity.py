@@ -92,10 +92,22 @@ def cleaned_on_failure(*paths: Path, what: str, again: str = " (a training run: 
         raise
 
 
+def distributed_rank() -> int:
+    """This process's rank in a distributed run as its launcher set it (torchrun: ``RANK``; Lightning's DDP
+    workers: ``LOCAL_RANK`` with ``NODE_RANK``), 0 outside one."""
+    for name in ("RANK", "LOCAL_RANK", "NODE_RANK"):
+        value = os.environ.get(name, "")
+        if value.isdigit() and int(value) > 0:
+            return int(value)
+    return 0
+
+
 class RunLock:
     """An exclusive lock on a run folder, held from ``__enter__`` to ``__exit__`` (or until the process ends).
 
-    A second process (or a second run in this one) on the same folder gets a one-line ``MedvlpError``.
+    A second process (or a second run in this one) on the same folder gets a one-line ``MedvlpError``. The
+    other processes of one distributed run (Lightning's DDP workers, torchrun's ranks: ``RANK`` or
+    ``LOCAL_RANK`` above 0 in their environment) share the folder of the rank-0 process, which holds the lock.
     """
 
     def __init__(self, run_dir: Path | str):
@@ -104,6 +116,8 @@ class RunLock:
 
     def __enter__(self) -> RunLock:
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        if distributed_rank() > 0:
+            return self  # rank 0 of this run holds the lock
         path = self.run_dir / LOCK_FILE
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:

@@ -234,6 +234,16 @@ def test_a_second_run_on_a_busy_run_folder_is_refused_in_one_line(root, tmp_path
         pass
 
 
+def test_the_other_ranks_of_a_distributed_run_share_rank_0s_lock(tmp_path, monkeypatch):
+    with RunLock(tmp_path / "run"):  # rank 0, the launching process
+        monkeypatch.setenv("LOCAL_RANK", "1")  # a DDP worker of the same run
+        with RunLock(tmp_path / "run"):
+            pass
+        monkeypatch.setenv("LOCAL_RANK", "0")
+        with pytest.raises(MedvlpError, match="in use by another medvlp process"):
+            RunLock(tmp_path / "run").__enter__()
+
+
 def test_a_killed_holder_leaves_no_stale_lock(tmp_path):
     def hold_and_die():
         RunLock(tmp_path / "run").__enter__()
