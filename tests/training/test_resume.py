@@ -184,7 +184,8 @@ def test_finetuning_killed_five_times_ends_as_the_uninterrupted_run(root, whole_
     killed_and_resumed(lambda resume, cbs: finetune(finetune_config(root, "ft-killed", init),
                                                     [*cbs, DumpFinal(root / "ft-killed.pt")], resume=resume), plan)
     whole, killed = root / "ft-whole", root / "ft-killed"
-    assert same(torch.load(root / "ft-whole.pt"), torch.load(root / "ft-killed.pt"))
+    assert same(torch.load(root / "ft-whole.pt", weights_only=True),
+                torch.load(root / "ft-killed.pt", weights_only=True))
     assert same(load_weights(whole / WEIGHTS), load_weights(killed / WEIGHTS))  # the best validation step's
     assert json.loads((whole / "metrics.json").read_text()) == json.loads((killed / "metrics.json").read_text())
     assert not (killed / "checkpoints").exists()  # a finished fine-tuning run keeps its best weights only
