@@ -172,8 +172,7 @@ def cmd_explain(args: argparse.Namespace) -> None:
         raise MedvlpError("give the question with --question TEXT (VQA) or the text with --text TEXT (classification)")
     if args.image is None:
         raise MedvlpError("give the image with --image FILE")
-    if not args.image.is_file():
-        raise MedvlpError(f"--image {args.image}: no such file")
+    need_file(args.image, "--image")
     if args.out.suffix.lower() != ".png":
         raise MedvlpError(f"--out {args.out}: the heat-map is written as PNG; name a .png file")
     if args.out.exists():
@@ -217,8 +216,8 @@ def check_predict_args(args: argparse.Namespace) -> None:
         need_folder(args.images, "--images")
     elif args.image is None:
         raise MedvlpError(f"--{modes[0]} needs the image: give it with --image FILE")
-    elif not args.image.is_file():
-        raise MedvlpError(f"--image {args.image}: no such file")
+    else:
+        need_file(args.image, "--image")
     if args.top < 1 or (args.rerank is not None and args.rerank < 1):
         raise MedvlpError("--top and --rerank must be 1 or more")
     if args.window is not None:
@@ -262,6 +261,12 @@ def print_retrieval(metrics: dict[str, float], title: str) -> None:
     for prefix, direction in (("i2t_r", "image-to-text"), ("t2i_r", "text-to-image")):
         ranks = ", ".join(f"R@{k.removeprefix(prefix)} {v:.1f}%" for k, v in metrics.items() if k.startswith(prefix))
         print(f"  {direction}: {ranks}")
+
+
+def need_file(path: Path, what: str) -> None:
+    """One line for a file argument that names no file (checked before anything is loaded)."""
+    if not path.is_file():
+        raise MedvlpError(f"{what} {path}: no such file")
 
 
 def need_folder(path: Path, what: str) -> None:

@@ -66,18 +66,6 @@ class RequestError(Exception):
         self.status, self.message = status, message
 
 
-def load_any(run: Path | str) -> tuple[Any, str]:
-    """A run as a ``Predictor`` (``medvlp.load``) and its kind: "fine-tuned" (every endpoint of its task), or
-    "pre-trained" (ranking and embeddings only)."""
-    from medvlp import predict
-
-    predictor = predict.load(run)
-    if predictor.kind == "exported":
-        raise MedvlpError(f"{run}: an exported run holds the encoders only; serve the pre-training run it came "
-                          "from, or a fine-tuned run")
-    return predictor, predictor.kind
-
-
 class Engine:
     """A loaded run and everything the HTTP layer asks of it. The ``*_batch`` functions take lists of items
     and return one result per item; they run on ``self.executor`` (one thread)."""
@@ -99,8 +87,15 @@ class Engine:
 
     @classmethod
     def from_run(cls, run: Path | str, config: ServeConfig, gallery: list[Path] | None = None) -> Engine:
-        predictor, kind = load_any(run)
-        return cls(predictor, config, kind=kind, run=str(run), gallery=gallery)
+        """A run folder loaded as ``medvlp.load`` loads it: fine-tuned (every endpoint of its task) or pre-trained
+        (ranking and embeddings only); an exported run (encoders only) is refused in one line."""
+        from medvlp import predict
+
+        predictor = predict.load(run)
+        if predictor.kind == "exported":
+            raise MedvlpError(f"{run}: an exported run holds the encoders only; serve the pre-training run it came "
+                              "from, or a fine-tuned run")
+        return cls(predictor, config, kind=predictor.kind, run=str(run), gallery=gallery)
 
     # -- precision -----------------------------------------------------------------------------------------------
     def _bf16(self) -> bool:
