@@ -46,3 +46,24 @@ def benchmark_script(name: str) -> ModuleType:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def tiny_model_and_batch(batch_size: int = 6, **model):
+    """A tiny model (seed 0, eval mode) and a batch of ``batch_size`` random 64-pixel images and 12-token texts with
+    one masked word each (``model``: overrides of the tiny model config)."""
+    import torch
+
+    from medvlp.models.config import model_config
+    from medvlp.models.model import build_model
+
+    torch.manual_seed(0)
+    net = build_model(model_config("tiny", **model)).eval()
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(5, 4096, (batch_size, 12), generator=g)
+    ids[:, 0], ids[:, -1] = 0, 2
+    labels = torch.full_like(ids, -100)
+    labels[:, 3] = ids[:, 3]
+    batch = {"pixels": torch.randint(0, 256, (batch_size, 1, 64, 64), dtype=torch.uint8, generator=g),
+             "input_ids": ids, "attention_mask": torch.ones_like(ids),
+             "mlm_input_ids": torch.where(labels != -100, 4, ids), "mlm_labels": labels}
+    return net, batch

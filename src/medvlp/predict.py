@@ -23,7 +23,6 @@ cannot be read is a one-line ``DataError``, except in ``rank``, which skips it a
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -286,25 +285,25 @@ def image_fix(error: ImageError) -> str:
 
 
 def load(run: str | Path, *, window: Window = None, frame: int | None = None) -> Predictor:
-    """A run folder as a ``Predictor``: fine-tuned (``medvlp finetune``), pre-trained (``medvlp pretrain``, or
-    one of its ``checkpoints/step-*``) or exported (``medvlp export``). ``window`` and ``frame`` apply to DICOM
-    images."""
-    from medvlp.training.finetune import is_finetuned, load_finetuned
-    from medvlp.training.pretrain import load_run
+    """A run folder as a ``Predictor`` (``training.runs.open_run`` opens it).
+
+    Args:
+        run: a fine-tuned run (``medvlp finetune``), a pre-training run (``medvlp pretrain``) or one of its
+            ``checkpoints/step-*``, a converted checkpoint (``medvlp convert``) or an export (``medvlp export``).
+        window: how DICOM images are windowed: a preset (``"lung"``), ``"minmax"`` or ``(center, width)``;
+            ``None``: the file's stored window.
+        frame: the frame of a multi-frame DICOM; ``None``: the middle one.
+
+    Returns:
+        The ``Predictor``, its model in eval mode. A folder that is no run is a one-line ``MedvlpError``.
+    """
+    from medvlp.training.runs import open_run
 
     check_window(window)
-    path = Path(run)
-    if not path.is_dir():
-        raise MedvlpError(f"{run}: no such run folder")
-    if is_finetuned(path):
-        config, model, tokenizer = load_finetuned(path)
-        return Predictor(model, tokenizer, kind="fine-tuned", max_text_len=config.max_text_len, task=config.task,
-                         classes=config.classes, window=window, frame=frame, config=config)
-    if is_exported(path):
-        return load_exported(path, window=window, frame=frame)
-    config, model, tokenizer = load_run(path)
-    return Predictor(model, tokenizer, kind="pre-trained", max_text_len=config.data.max_text_len,
-                     aligned=bool(config.tasks.itc), window=window, frame=frame, config=config)
+    opened = open_run(run)
+    return Predictor(opened.model, opened.tokenizer, kind=opened.kind, max_text_len=opened.max_text_len,
+                     task=opened.task, classes=opened.classes, aligned=opened.aligned, window=window, frame=frame,
+                     config=opened.config)
 
 
 def check_window(window: Window) -> None:
@@ -312,25 +311,6 @@ def check_window(window: Window) -> None:
     from medvlp.data.dicom import _window
 
     _window(window)
-
-
-def is_exported(path: Path) -> bool:
-    return all((path / part).is_dir() for part in ("vision", "text", "tokenizer"))
-
-
-def load_exported(path: Path, *, window: Window = None, frame: int | None = None) -> Predictor:
-    """An exported run (the encoders and the tokenizer, Hugging Face folders) built the way a run starts from
-    published encoders; only its encoders are used (``embed_image``, ``embed_text``)."""
-    from medvlp.data.tokenizer import load_tokenizer
-    from medvlp.models.config import model_config
-    from medvlp.models.model import build_model
-
-    vision = json.loads((path / "vision" / "config.json").read_text())
-    cfg = model_config("tiny", image_size=vision.get("image_size", 224), patch_size=vision.get("patch_size", 16),
-                       vision={"pretrained": str(path / "vision")}, text={"pretrained": str(path / "text")})
-    model = build_model(cfg)
-    return Predictor(model, load_tokenizer(path / "tokenizer"), kind="exported", aligned=False, window=window,
-                     frame=frame, max_text_len=model.cfg.text.max_position_embeddings - 2)
 
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".dicom")
