@@ -180,6 +180,7 @@ def test_a_converted_pretraining_checkpoint_is_an_init_for_finetune(tmp_path, fi
     opened = open_run(run)
     model, classes, task = opened.model, opened.classes, opened.task
     assert opened.kind == "pre-trained" and task is None and classes == []
+    assert (opened.path / "model.yaml").is_file()  # written as a pre-training checkpoint, with its model's config
     assert model.cfg.fusion.num_layers == config["tasks"]["pretrain"]["resolved"]["num_top_layer"]
     assert not model.cfg.tie_mlm_weights and model.cfg.mim_decoder.activation == "quick_gelu"
     with pytest.raises(MedvlpError, match="not empty"):
@@ -227,3 +228,8 @@ def test_sizes_come_from_the_tensors_not_from_set_a(fixture_files, tmp_path):
     mine = converted.state_dict()
     assert all(torch.equal(mine[k], v) for k, v in model.state_dict().items()
                if not k.startswith(("mlm_head.", "mim_decoder.", "itm_head.", "align_head.")))
+    from medvlp.config import load_config
+    from medvlp.models.config import ModelConfig
+
+    assert opened.kind == "fine-tuned" and converted.cfg == load_config(ModelConfig, run / "model.yaml")
+    assert converted.cfg.itm_score == "matched"  # the reference's choices travel with the model's own config

@@ -61,8 +61,9 @@ def test_weights_of_another_model_are_one_line(tmp_path, tiny_config):
         MedVLP.from_pretrained(tmp_path)
     own.write_text(own.read_text().replace("memory_slots: 0", "memory_slots: 4").replace("embed_dim: 128",
                                                                                          "embed_dim: 64"))
-    with pytest.raises(MedvlpError, match=r"does not fit the model of .*model.yaml: 2 weights of another shape "
-                                          r"\(e.g. align_head.image_proj.weight: \[128, 128\] in the file, \[64, 128\]"):
+    with pytest.raises(MedvlpError, match=r"does not fit the model of .*model.yaml: 2 weights of another "
+                                          r"shape \(e.g. align_head.image_proj.weight: \[128, 128\] in the file, "
+                                          r"\[64, 128\]"):
         MedVLP.from_pretrained(tmp_path)
 
 
