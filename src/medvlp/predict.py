@@ -56,8 +56,20 @@ class Ranking(list):
 
 
 class Predictor:
-    """A trained run, ready to use (see the module docstring). ``kind`` is ``fine-tuned``, ``pre-trained`` or
-    ``exported``; ``task`` the fine-tuning task (None otherwise); ``classes`` its answers or labels."""
+    """A trained run, ready to use (see the module docstring); ``medvlp.load`` makes one.
+
+    Args:
+        model: the ``MedVLP`` (put in eval mode).
+        tokenizer: its tokenizer.
+        kind: ``fine-tuned``, ``pre-trained`` or ``exported``.
+        max_text_len: texts are cut to this many tokens (the run's training length).
+        task: the fine-tuning task (``vqa``, ``classification``, ``retrieval``); ``None`` otherwise.
+        classes: the classifier's answers or labels, in order.
+        aligned: whether the global embeddings were trained to match image and text (ranking by embedding).
+        window, frame: how DICOM images are read (``data.images.open_image``).
+        config: the run's config, kept for reference.
+        max_pixels, max_text_chars: input limits (decoded pixels of an image, characters of a text).
+    """
 
     def __init__(self, model, tokenizer: Any, *, kind: str, max_text_len: int, task: str | None = None,
                  classes: Sequence[str] = (), aligned: bool = True, window: Window = None,
@@ -130,8 +142,17 @@ class Predictor:
     @torch.no_grad()
     def classify(self, image: ImageLike | Sequence[ImageLike], text: str | Sequence[str], k: int | None = None,
                  batch_size: int = 32) -> list:
-        """Labels with their probabilities (softmax), most likely first; the top ``k`` when given. One pair gives
-        one list; lists give one list per pair (as ``answer``)."""
+        """Labels with their probabilities (softmax), most likely first.
+
+        Args:
+            image: one image (path, bytes, PIL image) or a list.
+            text: the text that goes with it (a clinical note, a caption) or a list (paired as in ``answer``).
+            k: the number of labels to return; ``None``: all.
+            batch_size: pairs per model pass.
+
+        Returns:
+            ``[(label, probability), ...]`` for one pair; one such list per pair for lists.
+        """
         self._need("classification", "classify")
         return self._classify(image, text, k, batch_size, lambda logits: logits.softmax(dim=-1))
 
@@ -148,8 +169,8 @@ class Predictor:
 
     @torch.no_grad()
     def embed_image(self, image: ImageLike | Sequence[ImageLike], batch_size: int = 64) -> torch.Tensor:
-        """Unit-length global embeddings: [E] for one image, [N, E] for a list. For an exported run (no
-        alignment head), the vision encoder's class token, normalised."""
+        """Unit-length global embeddings: [E] for one image, [N, E] for a list (``batch_size`` images per
+        pass). For an exported run (no alignment head), the vision encoder's class token, normalised."""
         images = [image] if is_one(image) else list(image)
         chunks = [self._embed_pixels(stack_images([self.pixels(i) for i in images[s:s + batch_size]]))
                   for s in range(0, len(images), batch_size)]
@@ -158,8 +179,8 @@ class Predictor:
 
     @torch.no_grad()
     def embed_text(self, text: str | Sequence[str], batch_size: int = 256) -> torch.Tensor:
-        """Unit-length global embeddings: [E] for one text, [N, E] for a list (an exported run: the text
-        encoder's first token, normalised)."""
+        """Unit-length global embeddings: [E] for one text, [N, E] for a list (``batch_size`` texts per pass;
+        an exported run: the text encoder's first token, normalised)."""
         texts = [text] if isinstance(text, str) else list(text)
         chunks = []
         for start in range(0, len(texts), batch_size):
@@ -317,7 +338,8 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".di
 
 
 def images_in(folder: str | Path) -> list[Path]:
-    """The image files of a folder (by suffix, sorted), for ``rank``."""
+    """The image files of ``folder`` (by suffix: PNG, JPEG, TIFF, BMP, DICOM), sorted, for ``rank``; a folder
+    that is missing or holds none is a one-line ``DataError``."""
     folder = Path(folder)
     if not folder.is_dir():
         raise DataError(f"{folder}: no such folder of images")

@@ -266,10 +266,19 @@ def evaluation_split(root: Path, split: str | None = None) -> str:
 
 
 def finetune(config: FinetuneConfig, callbacks: Sequence[L.Callback] = (), *, resume: bool = False) -> Path:
-    """Fine-tune as configured; returns the run folder (config, tokenizer, best weights, metrics, logs).
-    ``resume`` continues a run that was stopped from its last checkpoint (``run_dir/checkpoints``, removed
-    once the run has finished). A run that fails before it wrote weights or a checkpoint leaves no folder
-    behind when this call created it."""
+    """Fine-tune as configured.
+
+    Args:
+        config: the run's config (``training.config.load_finetune_config``); its ``data``, ``classes`` and
+            ``model`` are filled in from the data and ``init``.
+        callbacks: more Lightning callbacks for the trainer.
+        resume: continue a run that was stopped from its last checkpoint (``run_dir/checkpoints``, removed once
+            the run has finished).
+
+    Returns:
+        The run folder: ``config.yaml``, ``tokenizer/``, the best weights (``model.safetensors`` with
+        ``model.yaml``), ``metrics.json`` (best validation, test) and ``logs/``. A run that fails before it wrote
+        weights or a checkpoint leaves no folder behind when this call created it."""
     run_dir = Path(config.run_dir)
     created = not run_dir.exists()
     try:
@@ -384,8 +393,17 @@ def run_answers(config: FinetuneConfig, need: Sequence[str], source: str, data: 
 
 def evaluate_run(run: Path | str, data: Path | str | None = None, split: str | None = None,
                  overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Evaluate a fine-tuned run (its best weights) on a split of its own dataset or of ``data`` (test by
-    default). ``overrides`` may change the retrieval evaluation (``{"eval_mode": "exhaustive"}``)."""
+    """Evaluate a fine-tuned run (its best weights).
+
+    Args:
+        run: the fine-tuned run folder (or a converted downstream checkpoint).
+        data: a prepared dataset of the run's task family; ``None``: the run's own.
+        split: the split to evaluate; ``None``: test (or the last split there is).
+        overrides: changes to the retrieval evaluation (``{"eval_mode": "exhaustive"}``).
+
+    Returns:
+        ``{"split": SPLIT, "rows": N, SPLIT: {metric: value}}`` (the task's metrics, in percent).
+    """
     opened = open_run(run, "fine-tuned")
     config, model, tokenizer = opened.config, opened.model, opened.tokenizer
     task = downstream_task(config.task)

@@ -196,7 +196,19 @@ def compile_parts(model: MedVLP) -> None:
 
 
 def pretrain(config: PretrainConfig, *, resume: bool = False, callbacks: Sequence[L.Callback] = ()) -> Path:
-    """Pre-train a model as configured; returns the run folder (config, tokenizer, checkpoints, logs, pictures)."""
+    """Pre-train a model as configured.
+
+    Args:
+        config: the run's config (``training.config.load_pretrain_config``); ``config.model`` gets the trained
+            tokenizer's vocabulary.
+        resume: continue the run in ``config.run_dir`` from its latest checkpoint (exactly as if it had not
+            stopped); without it a folder that already holds a run is refused.
+        callbacks: more Lightning callbacks for the trainer.
+
+    Returns:
+        The run folder: ``config.yaml``, ``tokenizer/``, ``checkpoints/step-*`` (weights, ``model.yaml``, trainer
+        state), ``metrics.json`` (the last validation), ``logs/`` and ``pictures/``.
+    """
     try:
         return _pretrain(config, resume, callbacks)
     finally:
