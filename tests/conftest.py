@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
-from helpers import SHARED_DATA, png_bytes
+from helpers import SHARED_DATA, TINY_CORPUS, png_bytes
 
 
 @pytest.fixture(scope="session")
@@ -46,10 +46,6 @@ def raw_vqa_rad(tmp_path: Path):
 
 
 # -- the tiny model and runs -------------------------------------------------------------------------------------
-TINY_CORPUS = [f"{family}_{split}={n}" for family in ("pretrain", "vqa", "classification", "retrieval")
-               for split, n in (("train", 32), ("val", 8), ("test", 8))]  # the synthetic corpus the tiny runs read
-
-
 @pytest.fixture(scope="session")
 def tiny_config():
     """The ``tiny`` model config with a 300-word vocabulary (a ``ModelConfig``; frozen use: replace, not edit)."""

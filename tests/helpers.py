@@ -16,6 +16,9 @@ from medvlp.data.registry import prepare
 ROOT = Path(__file__).resolve().parents[1]  # the repository
 SHARED_DATA = ROOT.parent / "shared" / "data"
 BENCHMARKS = ROOT / "benchmarks"
+# the synthetic corpus of the shared tiny runs (conftest.py): ``synthetic.`` settings of a fine-tuning config
+TINY_CORPUS = [f"{family}_{split}={n}" for family in ("pretrain", "vqa", "classification", "retrieval")
+               for split, n in (("train", 32), ("val", 8), ("test", 8))]
 
 
 def png_bytes(size: int = 48, seed: int = 0, mode: str = "L") -> bytes:

@@ -9,6 +9,7 @@ import shutil
 
 import pytest
 import torch
+from helpers import TINY_CORPUS
 
 from medvlp.config import load_config
 from medvlp.constants import MODEL_CONFIG, WEIGHTS
@@ -80,3 +81,17 @@ def test_the_wrong_kind_or_no_run_is_one_line(tiny_pretrain_run, tiny_finetuned_
     (tmp_path / "empty").mkdir()
     with pytest.raises(MedvlpError, match="not a medvlp checkpoint"):
         open_run(tmp_path / "empty")
+
+
+def test_an_export_is_no_init_for_finetune_and_says_how_to_start_from_it(tiny_pretrain_run, tmp_path):
+    from medvlp.jobs.export import export_encoders
+    from medvlp.training.config import load_finetune_config
+    from medvlp.training.finetune import finetune
+
+    export_encoders(tiny_pretrain_run, tmp_path / "export")
+    config = load_finetune_config(None, ["task=vqa", f"run_dir={tmp_path / 'ft'}", f"init={tmp_path / 'export'}",
+                                         f"synthetic_dir={tiny_pretrain_run.parent / 'data'}",
+                                         *[f"synthetic.{s}" for s in TINY_CORPUS]])
+    with pytest.raises(MedvlpError, match=r"is an export \(the encoders only\); start from it with init=null "
+                                          r"model.vision.pretrained=.*export/vision"):
+        finetune(config)

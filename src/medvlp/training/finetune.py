@@ -45,7 +45,7 @@ from medvlp.training.checkpoint import Checkpointer, checkpoint_step, resume_poi
 from medvlp.training.config import FINETUNE_IMAGE_SIZE, FinetuneConfig, load_finetune_config  # noqa: F401 (re-exported)
 from medvlp.training.downstream import TASKS, DownstreamTask, downstream_task
 from medvlp.training.optim import build_optimizer, build_schedule
-from medvlp.training.runs import open_run
+from medvlp.training.runs import open_run, run_kind
 from medvlp.training.trainer import build_trainer
 
 log = logging.getLogger(__name__)
@@ -136,12 +136,13 @@ def initial_model(config: FinetuneConfig, classes: Sequence[str], texts) -> tupl
     from medvlp.training.pretrain import with_tokenizer
 
     if config.init:
+        if run_kind(config.init) == "exported":
+            export = Path(config.init)
+            raise MedvlpError(f"init={export} is an export (the encoders only); start from it with init=null "
+                              f"model.vision.pretrained={export / 'vision'} model.text.pretrained={export / 'text'} "
+                              f"tokenizer={export / 'tokenizer'}")
         init = open_run(config.init)
         model, tokenizer = init.model, init.tokenizer
-        if init.kind == "exported":
-            raise MedvlpError(f"init={config.init} is an export (the encoders only); start from it with "
-                              f"model.vision.pretrained={init.path / 'vision'} model.text.pretrained="
-                              f"{init.path / 'text'} tokenizer={init.path / 'tokenizer'} (init=null)")
         if init.task is not None:
             if init.task != config.task:
                 raise MedvlpError(f"init={config.init} was fine-tuned for {init.task}, not {config.task}; "
