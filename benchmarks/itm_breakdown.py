@@ -18,10 +18,10 @@ from pathlib import Path
 
 import torch
 
-from medvlp.data.loader import FamilyDataset
+from medvlp.data.loader import FamilyDataset, eval_loader
 from medvlp.data.records import Records
 from medvlp.errors import DataError
-from medvlp.training.pretrain import eval_loader, load_run
+from medvlp.training.runs import open_run
 
 GROUPS = ("another modality", "same modality, another region", "same modality and region")
 
@@ -41,14 +41,15 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
-    config, model, tokenizer = load_run(args.run)
+    run = open_run(args.run, "pre-trained")
+    config, model, tokenizer = run.config, run.model, run.tokenizer
     root = args.data or Path(config.data.synthetic_dir) / "pretrain"
     records = Records(root, args.split)
     if len(records) < 2 or "modality" not in records[0]:
         raise DataError(f"{root} ({args.split}): needs two or more synthetic records, which keep their facts")
     modality, region = (facts([records[i][name] for i in range(len(records))]) for name in ("modality", "region"))
     dataset = FamilyDataset(root, args.split, model.cfg.image_size, train=False)
-    loader = eval_loader(config, tokenizer, dataset)
+    loader = eval_loader(dataset, tokenizer, config.data.max_text_len)
 
     with torch.no_grad():
         texts, images = [], []

@@ -18,9 +18,10 @@ from pathlib import Path
 
 import torch
 
-from medvlp.data.loader import FamilyDataset
+from medvlp.data.loader import FamilyDataset, eval_loader
 from medvlp.evaluation.retrieval import encode_pairs, retrieval_metrics
-from medvlp.training.finetune import Rows, eval_loader, load_finetuned
+from medvlp.training.finetune import Rows
+from medvlp.training.runs import open_run
 
 
 def main() -> None:
@@ -33,11 +34,14 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=256, help="pairs per fusion pass")
     args = parser.parse_args()
 
-    config, model, tokenizer = load_finetuned(args.run)
+    run = open_run(args.run, "fine-tuned")
+    config, model, tokenizer = run.config, run.model, run.tokenizer
     dataset = FamilyDataset(args.data or config.data, args.split, model.cfg.image_size, train=False)
     subset = Rows(dataset, range(min(args.pairs, len(dataset))))
     start = time.perf_counter()
-    encoded = encode_pairs(model, eval_loader(config, tokenizer, subset), subset.image_ids())
+    encoded = encode_pairs(model, eval_loader(subset, tokenizer, config.max_text_len, 2 * config.batch_size,
+                                              config.num_workers),
+                           subset.image_ids())
     encode_s = time.perf_counter() - start
     images, texts = encoded.image_embeds.shape[0], encoded.text_embeds.shape[0]
     print(f"{args.run}: {texts:,} texts, {images:,} images, {torch.get_num_threads()} threads; "

@@ -1,4 +1,6 @@
-"""Shared fixtures: the real data folder, and a small raw VQA-RAD folder built from scratch."""
+"""Shared fixtures: the real data folder, a small raw VQA-RAD folder built from scratch, and the tiny model and
+runs that many tests start from (a tiny model config and model; a 2-step MPMA pre-training run and a 2-step VQA
+run fine-tuned from it, each made once per test session: tests read them and never change them)."""
 
 from __future__ import annotations
 
@@ -6,7 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
-from helpers import SHARED_DATA, png_bytes
+from helpers import SHARED_DATA, TINY_CORPUS, png_bytes
 
 
 @pytest.fixture(scope="session")
@@ -41,3 +43,52 @@ def raw_vqa_rad(tmp_path: Path):
     build.record = record
     build.images = images
     return build
+
+
+# -- the tiny model and runs -------------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def tiny_config():
+    """The ``tiny`` model config with a 300-word vocabulary (a ``ModelConfig``; frozen use: replace, not edit)."""
+    from medvlp.models.config import model_config
+
+    return model_config("tiny", text={"vocab_size": 300})
+
+
+@pytest.fixture
+def tiny_model(tiny_config):
+    """A fresh tiny model (seed 1, eval mode), the test's own to change."""
+    import torch
+
+    from medvlp.models.model import build_model
+
+    torch.manual_seed(1)
+    return build_model(tiny_config).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_pretrain_run(tmp_path_factory) -> Path:
+    """A 2-step MPMA pre-training run (``mpma-tiny``) on a small synthetic corpus (in ``../data``)."""
+    from helpers import ROOT
+
+    from medvlp.training.config import load_pretrain_config
+    from medvlp.training.pretrain import pretrain
+
+    root = tmp_path_factory.mktemp("tiny-runs")
+    return pretrain(load_pretrain_config(ROOT / "src/medvlp/configs/mpma-tiny.yaml", [
+        f"run_dir={root / 'pretrain'}", f"data.synthetic_dir={root / 'data'}", "data.batch_size=8",
+        "data.num_workers=0", "trainer.max_steps=2", "trainer.val_every=2", "trainer.val_batches=1",
+        "trainer.pictures=0", "trainer.progress_bar=false", "data.vocab_size=300", "data.synthetic.workers=1",
+        *[f"data.synthetic.{s}" for s in TINY_CORPUS]]))
+
+
+@pytest.fixture(scope="session")
+def tiny_finetuned_run(tiny_pretrain_run) -> Path:
+    """A 2-step VQA run fine-tuned from ``tiny_pretrain_run`` on the same corpus."""
+    from medvlp.training.config import load_finetune_config
+    from medvlp.training.finetune import finetune
+
+    root = tiny_pretrain_run.parent
+    return finetune(load_finetune_config(None, [
+        "task=vqa", f"run_dir={root / 'vqa'}", f"synthetic_dir={root / 'data'}", "batch_size=8", "num_workers=0",
+        "trainer.max_steps=2", "trainer.val_every=2", "trainer.progress_bar=false", f"init={tiny_pretrain_run}",
+        *[f"synthetic.{s}" for s in TINY_CORPUS]]))

@@ -16,6 +16,9 @@ from medvlp.data.registry import prepare
 ROOT = Path(__file__).resolve().parents[1]  # the repository
 SHARED_DATA = ROOT.parent / "shared" / "data"
 BENCHMARKS = ROOT / "benchmarks"
+# the synthetic corpus of the shared tiny runs (conftest.py): ``synthetic.`` settings of a fine-tuning config
+TINY_CORPUS = [f"{family}_{split}={n}" for family in ("pretrain", "vqa", "classification", "retrieval")
+               for split, n in (("train", 32), ("val", 8), ("test", 8))]
 
 
 def png_bytes(size: int = 48, seed: int = 0, mode: str = "L") -> bytes:
@@ -46,3 +49,24 @@ def benchmark_script(name: str) -> ModuleType:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def tiny_model_and_batch(batch_size: int = 6, **model):
+    """A tiny model (seed 0, eval mode) and a batch of ``batch_size`` random 64-pixel images and 12-token texts with
+    one masked word each (``model``: overrides of the tiny model config)."""
+    import torch
+
+    from medvlp.models.config import model_config
+    from medvlp.models.model import build_model
+
+    torch.manual_seed(0)
+    net = build_model(model_config("tiny", **model)).eval()
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(5, 4096, (batch_size, 12), generator=g)
+    ids[:, 0], ids[:, -1] = 0, 2
+    labels = torch.full_like(ids, -100)
+    labels[:, 3] = ids[:, 3]
+    batch = {"pixels": torch.randint(0, 256, (batch_size, 1, 64, 64), dtype=torch.uint8, generator=g),
+             "input_ids": ids, "attention_mask": torch.ones_like(ids),
+             "mlm_input_ids": torch.where(labels != -100, 4, ids), "mlm_labels": labels}
+    return net, batch

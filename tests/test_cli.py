@@ -53,8 +53,8 @@ def dry(monkeypatch, tmp_path):
     def stop(*args, **kwargs):
         raise Stop
 
-    for target in ("medvlp.training.pretrain.pretrain", "medvlp.training.pretrain.export_encoders",
-                   "medvlp.training.pretrain.zero_shot", "medvlp.training.finetune.finetune",
+    for target in ("medvlp.training.pretrain.pretrain", "medvlp.jobs.export.export_encoders",
+                   "medvlp.jobs.zero_shot.zero_shot", "medvlp.training.finetune.finetune",
                    "medvlp.training.finetune.evaluate_run", "medvlp.jobs.demo.run_demo",
                    "medvlp.data.registry.prepare", "medvlp.data.synthetic.generate", "medvlp.predict.load",
                    "medvlp.convert.convert_m3ae", "medvlp.serve.serve"):

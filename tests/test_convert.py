@@ -175,11 +175,13 @@ def test_a_converted_pretraining_checkpoint_is_an_init_for_finetune(tmp_path, fi
     run = convert_m3ae(FIXTURE / "state_dict_pretrain.safetensors", tmp_path / "pre", tokenizer=str(work / "tok"),
                        reference_config=work / "pretrain.json", text_config=work / "roberta.json",
                        report=lambda line: None)
-    from medvlp.training.finetune import load_any
+    from medvlp.training.runs import open_run
 
-    model, _, classes, task = load_any(run)
-    assert task is None and classes == [] and model.cfg.fusion.num_layers == config["tasks"]["pretrain"][
-        "resolved"]["num_top_layer"]
+    opened = open_run(run)
+    model, classes, task = opened.model, opened.classes, opened.task
+    assert opened.kind == "pre-trained" and task is None and classes == []
+    assert (opened.path / "model.yaml").is_file()  # written as a pre-training checkpoint, with its model's config
+    assert model.cfg.fusion.num_layers == config["tasks"]["pretrain"]["resolved"]["num_top_layer"]
     assert not model.cfg.tie_mlm_weights and model.cfg.mim_decoder.activation == "quick_gelu"
     with pytest.raises(MedvlpError, match="not empty"):
         convert_m3ae(FIXTURE / "state_dict_pretrain.safetensors", run, report=lambda line: None)
@@ -193,7 +195,7 @@ def test_sizes_come_from_the_tensors_not_from_set_a(fixture_files, tmp_path):
     from medvlp.convert import V, _reference_name
     from medvlp.models.config import FusionConfig, ModelConfig, TextConfig, VisionConfig
     from medvlp.models.model import build_model
-    from medvlp.training.finetune import load_any
+    from medvlp.training.runs import open_run
 
     work, _, _ = fixture_files
     cfg = ModelConfig(vision=VisionConfig(hidden_size=128, num_layers=2, num_heads=2, intermediate_size=512),
@@ -218,10 +220,16 @@ def test_sizes_come_from_the_tensors_not_from_set_a(fixture_files, tmp_path):
     run = convert_m3ae(tmp_path / "other.safetensors", tmp_path / "run", tokenizer=str(work / "tok"),
                        reference_config={"num_heads": 4}, text_config={"num_attention_heads": 4},
                        report=lambda line: None)
-    converted, _, classes, task = load_any(run)
+    opened = open_run(run)
+    converted, classes, task = opened.model, opened.classes, opened.task
     assert task == "vqa" and len(classes) == 9 and converted.cfg.image_size == 96
     assert (converted.cfg.vision.hidden_size, converted.cfg.vision.num_heads, converted.cfg.fusion.num_layers) == (
         128, 2, 3)
     mine = converted.state_dict()
     assert all(torch.equal(mine[k], v) for k, v in model.state_dict().items()
                if not k.startswith(("mlm_head.", "mim_decoder.", "itm_head.", "align_head.")))
+    from medvlp.config import load_config
+    from medvlp.models.config import ModelConfig
+
+    assert opened.kind == "fine-tuned" and converted.cfg == load_config(ModelConfig, run / "model.yaml")
+    assert converted.cfg.itm_score == "matched"  # the reference's choices travel with the model's own config

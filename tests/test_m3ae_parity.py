@@ -1,6 +1,6 @@
 """M3AE reference parity: every output of every golden fixture in ../shared/reference/m3ae/ (made by running the
 official M3AE code; see its README.md and SPEC.md), reproduced by medvlp in fp32 through the public convert path
-(``convert_m3ae`` -> run folder -> ``load_any``).
+(``convert_m3ae`` -> run folder -> ``open_run``).
 
 Each fixture folder has A's file layout and its own ``config.json``; nothing here assumes set A's sizes. The
 fixture's MIM noise and ITM images are fed in instead of drawing them. Intermediates are read with forward hooks
@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from medvlp.convert import convert_m3ae
 from medvlp.objectives import classification_loss, itm_loss, mim_loss, mim_targets, mlm_loss, ranking_loss, vqa_loss
-from medvlp.training.finetune import load_any
+from medvlp.training.runs import open_run
 
 FIXTURES = ROOT.parent / "shared" / "reference" / "m3ae"
 SETS = sorted(p for p in FIXTURES.glob("*") if (p / "config.json").is_file()) if FIXTURES.is_dir() else []
@@ -56,7 +56,7 @@ def tokenizer_dir(tmp_path_factory) -> Path:
 
 
 def convert(folder: Path, task: str, work: Path, tokenizer: Path):
-    """Convert the fixture's ``task`` model through ``convert_m3ae``; return the model ``load_any`` reads back."""
+    """Convert the fixture's ``task`` model through ``convert_m3ae``; return the model ``open_run`` reads back."""
     config = json.loads((folder / "config.json").read_text())
     checkpoint = {"pretrain": folder / "state_dict_pretrain.safetensors",
                   "vqa": folder / "state_dict_vqa.safetensors"}.get(task)
@@ -69,8 +69,7 @@ def convert(folder: Path, task: str, work: Path, tokenizer: Path):
     text.write_text(json.dumps(next(v for k, v in config.items() if k.startswith("tiny_roberta"))))
     run = convert_m3ae(checkpoint, work / f"run-{task}", task=TASKS[task], tokenizer=str(tokenizer),
                        reference_config=reference, text_config=text, report=lambda line: None)
-    model, _, _, _ = load_any(run)
-    return model.eval()
+    return open_run(run).model
 
 
 # -- reading intermediates ----------------------------------------------------------------------------------------

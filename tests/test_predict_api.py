@@ -16,34 +16,20 @@ from helpers import ROOT, png_bytes
 import medvlp
 from medvlp.cli import main
 from medvlp.errors import DataError, MedvlpError
-from medvlp.training.config import load_finetune_config, load_pretrain_config
-
-SMALL = [f"{family}_{split}={n}" for family in ("pretrain", "vqa", "classification", "retrieval")
-         for split, n in (("train", 32), ("val", 8), ("test", 8))]
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """A 2-step MPMA pre-training run, a 2-step VQA run from it, its export, and a folder of images."""
-    from medvlp.training.finetune import finetune
-    from medvlp.training.pretrain import export_encoders, pretrain
+def runs(tiny_pretrain_run, tiny_finetuned_run, tmp_path_factory):
+    """The shared tiny MPMA pre-training run, the VQA run fine-tuned from it, its export, and a folder of images."""
+    from medvlp.jobs.export import export_encoders
 
     root = tmp_path_factory.mktemp("api")
-    pre = pretrain(load_pretrain_config(ROOT / "src/medvlp/configs/mpma-tiny.yaml", [
-        f"run_dir={root / 'pretrain'}", f"data.synthetic_dir={root / 'data'}", "data.batch_size=8",
-        "data.num_workers=0", "trainer.max_steps=2", "trainer.val_every=2", "trainer.val_batches=1",
-        "trainer.pictures=0", "trainer.progress_bar=false", "data.vocab_size=300", "data.synthetic.workers=1",
-        *[f"data.synthetic.{s}" for s in SMALL]]))
-    vqa = finetune(load_finetune_config(None, [
-        "task=vqa", f"run_dir={root / 'vqa'}", f"synthetic_dir={root / 'data'}", "batch_size=8", "num_workers=0",
-        "trainer.max_steps=2", "trainer.val_every=2", "trainer.progress_bar=false", f"init={pre}",
-        *[f"synthetic.{s}" for s in SMALL]]))
-    export_encoders(pre, root / "export")
+    export_encoders(tiny_pretrain_run, root / "export")
     images = root / "images"
     images.mkdir()
     for i in range(5):
         (images / f"scan{i}.png").write_bytes(png_bytes(size=64, seed=i))
-    return {"pretrain": pre, "vqa": vqa, "export": root / "export", "images": images}
+    return {"pretrain": tiny_pretrain_run, "vqa": tiny_finetuned_run, "export": root / "export", "images": images}
 
 
 def test_import_medvlp_is_light():

@@ -22,10 +22,19 @@ if TYPE_CHECKING:
 
 
 def load(run: Any, *, window: Any = None, frame: int | None = None) -> Predictor:
-    """A trained run folder, ready to ``answer``, ``classify``, ``rank``, ``embed_image`` and ``embed_text``:
-    fine-tuned (``medvlp finetune``), pre-trained (``medvlp pretrain``, or a ``checkpoints/step-*`` of one) or
-    exported (``medvlp export``). ``window`` (a preset such as ``"lung"``, ``"minmax"`` or ``(center, width)``)
-    and ``frame`` apply to DICOM images. See ``medvlp.predict``."""
+    """A trained run folder, ready to ``answer``, ``classify``, ``rank``, ``embed_image`` and ``embed_text``.
+
+    Args:
+        run: a fine-tuned run (``medvlp finetune``), a pre-training run (``medvlp pretrain``, or a
+            ``checkpoints/step-*`` of one), a converted checkpoint (``medvlp convert``) or an export
+            (``medvlp export``).
+        window: for DICOM images: a preset such as ``"lung"``, ``"minmax"`` or ``(center, width)``; ``None``: the
+            file's own window.
+        frame: for multi-frame DICOM: the frame to read; ``None``: the middle one.
+
+    Returns:
+        A ``medvlp.predict.Predictor``. A folder that is no run is a one-line ``MedvlpError``.
+    """
     from medvlp.predict import load as load_run
 
     return load_run(run, window=window, frame=frame)

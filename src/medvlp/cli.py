@@ -69,7 +69,7 @@ def cmd_export(args: argparse.Namespace) -> None:
     need_folder(args.run_dir, "RUN")
     if args.out.exists() and not args.out.is_dir():
         raise MedvlpError(f"--out {args.out} is a file; give a new folder for vision/, text/ and tokenizer/")
-    from medvlp.training.pretrain import export_encoders
+    from medvlp.jobs.export import export_encoders
 
     paths = export_encoders(args.run_dir, args.out)
     print(f"encoders and tokenizer of {args.run_dir} in {args.out}; start a run from them with "
@@ -90,7 +90,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     print("held-out (synthetic val): " + ", ".join(f"{k.removeprefix('val/')} {v:.3f}" for k, v in metrics.items()
                                                     if k.endswith(("_acc", "_loss")) and "/" in k))
     if demo.pretrain.tasks.itc:
-        from medvlp.training.pretrain import zero_shot
+        from medvlp.jobs.zero_shot import zero_shot
 
         print_retrieval(zero_shot(run_dir), "zero-shot retrieval on the synthetic test pairs")
     print(report.read_text())
@@ -250,7 +250,7 @@ def cmd_benchmark(args: argparse.Namespace) -> None:
 
 def cmd_zeroshot(args: argparse.Namespace) -> None:
     need_folder(args.run_dir, "RUN")
-    from medvlp.training.pretrain import zero_shot
+    from medvlp.jobs.zero_shot import zero_shot
 
     print_retrieval(zero_shot(args.run_dir, args.data, args.split), f"zero-shot retrieval, split {args.split}")
 

@@ -11,5 +11,6 @@ IGNORE_INDEX = -100  # the label of a text position that MLM does not predict (c
 
 # File names in a run folder.
 WEIGHTS = "model.safetensors"  # a model's weights (a fine-tuned run's best, or one checkpoint's)
+MODEL_CONFIG = "model.yaml"  # beside the weights: the config of the model they belong to (ModelConfig)
 TRAINER_STATE = "trainer.pt"  # optimiser, schedule, loop and sample-stream state of a checkpoint
 LATEST = "latest"  # in checkpoints/: the name of the newest complete checkpoint folder

@@ -472,7 +472,6 @@ def convert_m3ae(checkpoint: Path | str, out: Path | str, *, task: str | None = 
     if task == "pretrain":
         _write_pretrain(out, model, tokenizer_ref, max_len, save_config)
     else:
-        from medvlp.constants import WEIGHTS
         from medvlp.training.downstream import RetrievalConfig
         from medvlp.training.finetune import FinetuneConfig
 
@@ -482,7 +481,7 @@ def convert_m3ae(checkpoint: Path | str, out: Path | str, *, task: str | None = 
                                 answer_normalization="m3ae" if task == "vqa" and data else "medvlp",
                                 retrieval=RetrievalConfig(eval_mode="exhaustive"))
         save_config(config, out / "config.yaml")
-        model.save_pretrained(out / WEIGHTS)
+        model.save_pretrained(out)
     (out / "converted.json").write_text(json.dumps(
         {"from": "M3AE (github.com/zhjohnchan/M3AE)", "checkpoint": source, "task": task,
          "reference_config": {k: v for k, v in reference.items() if isinstance(v, (int, float, str, bool))},
@@ -506,7 +505,7 @@ def _classes(root: Path, task: str, label_field: str) -> list[str]:
 
 
 def _write_pretrain(out: Path, model: MedVLP, tokenizer_ref: str | None, max_len: int, save_config) -> None:
-    from medvlp.constants import LATEST, TRAINER_STATE, WEIGHTS
+    from medvlp.constants import LATEST, TRAINER_STATE
     from medvlp.training.pretrain import load_pretrain_config
 
     config = load_pretrain_config(Path(__file__).parent / "configs" / "m3ae-base.yaml", [f"run_dir={out}"])
@@ -517,6 +516,6 @@ def _write_pretrain(out: Path, model: MedVLP, tokenizer_ref: str | None, max_len
     save_config(config, out / "config.yaml")
     step = out / "checkpoints" / "step-000000"
     step.mkdir(parents=True)
-    model.save_pretrained(step / WEIGHTS, {"global_step": "0"}, prefix="model.")  # as a pre-training checkpoint
+    model.save_pretrained(step, {"global_step": "0"}, prefix="model.")  # as a pre-training checkpoint
     torch.save({"global_step": 0, "epoch": 0, "converted": "m3ae"}, step / TRAINER_STATE)
     (out / "checkpoints" / LATEST).write_text(step.name + "\n")

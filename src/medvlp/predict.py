@@ -23,7 +23,6 @@ cannot be read is a one-line ``DataError``, except in ``rank``, which skips it a
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -57,8 +56,20 @@ class Ranking(list):
 
 
 class Predictor:
-    """A trained run, ready to use (see the module docstring). ``kind`` is ``fine-tuned``, ``pre-trained`` or
-    ``exported``; ``task`` the fine-tuning task (None otherwise); ``classes`` its answers or labels."""
+    """A trained run, ready to use (see the module docstring); ``medvlp.load`` makes one.
+
+    Args:
+        model: the ``MedVLP`` (put in eval mode).
+        tokenizer: its tokenizer.
+        kind: ``fine-tuned``, ``pre-trained`` or ``exported``.
+        max_text_len: texts are cut to this many tokens (the run's training length).
+        task: the fine-tuning task (``vqa``, ``classification``, ``retrieval``); ``None`` otherwise.
+        classes: the classifier's answers or labels, in order.
+        aligned: whether the global embeddings were trained to match image and text (ranking by embedding).
+        window, frame: how DICOM images are read (``data.images.open_image``).
+        config: the run's config, kept for reference.
+        max_pixels, max_text_chars: input limits (decoded pixels of an image, characters of a text).
+    """
 
     def __init__(self, model, tokenizer: Any, *, kind: str, max_text_len: int, task: str | None = None,
                  classes: Sequence[str] = (), aligned: bool = True, window: Window = None,
@@ -131,8 +142,17 @@ class Predictor:
     @torch.no_grad()
     def classify(self, image: ImageLike | Sequence[ImageLike], text: str | Sequence[str], k: int | None = None,
                  batch_size: int = 32) -> list:
-        """Labels with their probabilities (softmax), most likely first; the top ``k`` when given. One pair gives
-        one list; lists give one list per pair (as ``answer``)."""
+        """Labels with their probabilities (softmax), most likely first.
+
+        Args:
+            image: one image (path, bytes, PIL image) or a list.
+            text: the text that goes with it (a clinical note, a caption) or a list (paired as in ``answer``).
+            k: the number of labels to return; ``None``: all.
+            batch_size: pairs per model pass.
+
+        Returns:
+            ``[(label, probability), ...]`` for one pair; one such list per pair for lists.
+        """
         self._need("classification", "classify")
         return self._classify(image, text, k, batch_size, lambda logits: logits.softmax(dim=-1))
 
@@ -149,8 +169,8 @@ class Predictor:
 
     @torch.no_grad()
     def embed_image(self, image: ImageLike | Sequence[ImageLike], batch_size: int = 64) -> torch.Tensor:
-        """Unit-length global embeddings: [E] for one image, [N, E] for a list. For an exported run (no
-        alignment head), the vision encoder's class token, normalised."""
+        """Unit-length global embeddings: [E] for one image, [N, E] for a list (``batch_size`` images per
+        pass). For an exported run (no alignment head), the vision encoder's class token, normalised."""
         images = [image] if is_one(image) else list(image)
         chunks = [self._embed_pixels(stack_images([self.pixels(i) for i in images[s:s + batch_size]]))
                   for s in range(0, len(images), batch_size)]
@@ -159,8 +179,8 @@ class Predictor:
 
     @torch.no_grad()
     def embed_text(self, text: str | Sequence[str], batch_size: int = 256) -> torch.Tensor:
-        """Unit-length global embeddings: [E] for one text, [N, E] for a list (an exported run: the text
-        encoder's first token, normalised)."""
+        """Unit-length global embeddings: [E] for one text, [N, E] for a list (``batch_size`` texts per pass;
+        an exported run: the text encoder's first token, normalised)."""
         texts = [text] if isinstance(text, str) else list(text)
         chunks = []
         for start in range(0, len(texts), batch_size):
@@ -286,25 +306,25 @@ def image_fix(error: ImageError) -> str:
 
 
 def load(run: str | Path, *, window: Window = None, frame: int | None = None) -> Predictor:
-    """A run folder as a ``Predictor``: fine-tuned (``medvlp finetune``), pre-trained (``medvlp pretrain``, or
-    one of its ``checkpoints/step-*``) or exported (``medvlp export``). ``window`` and ``frame`` apply to DICOM
-    images."""
-    from medvlp.training.finetune import is_finetuned, load_finetuned
-    from medvlp.training.pretrain import load_run
+    """A run folder as a ``Predictor`` (``training.runs.open_run`` opens it).
+
+    Args:
+        run: a fine-tuned run (``medvlp finetune``), a pre-training run (``medvlp pretrain``) or one of its
+            ``checkpoints/step-*``, a converted checkpoint (``medvlp convert``) or an export (``medvlp export``).
+        window: how DICOM images are windowed: a preset (``"lung"``), ``"minmax"`` or ``(center, width)``;
+            ``None``: the file's stored window.
+        frame: the frame of a multi-frame DICOM; ``None``: the middle one.
+
+    Returns:
+        The ``Predictor``, its model in eval mode. A folder that is no run is a one-line ``MedvlpError``.
+    """
+    from medvlp.training.runs import open_run
 
     check_window(window)
-    path = Path(run)
-    if not path.is_dir():
-        raise MedvlpError(f"{run}: no such run folder")
-    if is_finetuned(path):
-        config, model, tokenizer = load_finetuned(path)
-        return Predictor(model, tokenizer, kind="fine-tuned", max_text_len=config.max_text_len, task=config.task,
-                         classes=config.classes, window=window, frame=frame, config=config)
-    if is_exported(path):
-        return load_exported(path, window=window, frame=frame)
-    config, model, tokenizer = load_run(path)
-    return Predictor(model, tokenizer, kind="pre-trained", max_text_len=config.data.max_text_len,
-                     aligned=bool(config.tasks.itc), window=window, frame=frame, config=config)
+    opened = open_run(run)
+    return Predictor(opened.model, opened.tokenizer, kind=opened.kind, max_text_len=opened.max_text_len,
+                     task=opened.task, classes=opened.classes, aligned=opened.aligned, window=window, frame=frame,
+                     config=opened.config)
 
 
 def check_window(window: Window) -> None:
@@ -314,30 +334,12 @@ def check_window(window: Window) -> None:
     _window(window)
 
 
-def is_exported(path: Path) -> bool:
-    return all((path / part).is_dir() for part in ("vision", "text", "tokenizer"))
-
-
-def load_exported(path: Path, *, window: Window = None, frame: int | None = None) -> Predictor:
-    """An exported run (the encoders and the tokenizer, Hugging Face folders) built the way a run starts from
-    published encoders; only its encoders are used (``embed_image``, ``embed_text``)."""
-    from medvlp.data.tokenizer import load_tokenizer
-    from medvlp.models.config import model_config
-    from medvlp.models.model import build_model
-
-    vision = json.loads((path / "vision" / "config.json").read_text())
-    cfg = model_config("tiny", image_size=vision.get("image_size", 224), patch_size=vision.get("patch_size", 16),
-                       vision={"pretrained": str(path / "vision")}, text={"pretrained": str(path / "text")})
-    model = build_model(cfg)
-    return Predictor(model, load_tokenizer(path / "tokenizer"), kind="exported", aligned=False, window=window,
-                     frame=frame, max_text_len=model.cfg.text.max_position_embeddings - 2)
-
-
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".dicom")
 
 
 def images_in(folder: str | Path) -> list[Path]:
-    """The image files of a folder (by suffix, sorted), for ``rank``."""
+    """The image files of ``folder`` (by suffix: PNG, JPEG, TIFF, BMP, DICOM), sorted, for ``rank``; a folder
+    that is missing or holds none is a one-line ``DataError``."""
     folder = Path(folder)
     if not folder.is_dir():
         raise DataError(f"{folder}: no such folder of images")

@@ -9,13 +9,13 @@ import torch
 from medvlp.models import CLIP_MEAN, CLIP_STD, build_model, model_config, normalize_pixels, param_groups
 from medvlp.objectives import hard_negatives, itc_loss, itm_batch, itm_loss, local_alignment_loss, mim_loss, mlm_loss
 
-VOCAB = 300
+VOCAB = 300  # the shared tiny config's vocabulary (tests/conftest.py)
 
 
 @pytest.fixture(scope="module")
-def model():
+def model(tiny_config):
     torch.manual_seed(0)
-    return build_model(model_config("tiny", text={"vocab_size": VOCAB})).eval()
+    return build_model(tiny_config).eval()
 
 
 def make_batch(batch=4, length=12, size=64, seed=0):
@@ -123,9 +123,9 @@ def test_a_model_built_at_64_runs_at_96(model):
     assert model(batch).image_features.shape == (4, 1 + 36, 128)
 
 
-def test_three_m3ae_passes_in_bf16_autocast_train_and_give_finite_losses():
+def test_three_m3ae_passes_in_bf16_autocast_train_and_give_finite_losses(tiny_config):
     torch.manual_seed(0)
-    model = build_model(model_config("tiny", text={"vocab_size": VOCAB})).train()
+    model = build_model(tiny_config).train()
     batch = make_batch(batch=6)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         mlm, mlm_metrics = mlm_loss(model(batch, mask_text=True), batch)
@@ -166,9 +166,9 @@ def test_param_groups_split_encoders_from_fusion_and_heads(model):
     assert all((id(p) in encoder) == n.startswith(("vision.", "text.")) for n, p in named.items())
 
 
-def test_a_few_steps_on_one_batch_lower_all_three_losses():
+def test_a_few_steps_on_one_batch_lower_all_three_losses(tiny_config):
     torch.manual_seed(0)
-    model = build_model(model_config("tiny", text={"vocab_size": VOCAB})).train()
+    model = build_model(tiny_config).train()
     optimiser = torch.optim.AdamW(param_groups(model, lr=1e-3))
     batch = make_batch(batch=8)
     swapped = itm_batch(batch, torch.Generator().manual_seed(0))
@@ -208,9 +208,9 @@ def test_align_gives_unit_embeddings_of_this_pass_and_the_initial_scale(model):
     assert not torch.allclose(masked.word_embeds, out.word_embeds)  # the masked text of this pass
 
 
-def test_logit_scale_is_clamped_at_100():
+def test_logit_scale_is_clamped_at_100(tiny_config):
     torch.manual_seed(0)
-    model = build_model(model_config("tiny", text={"vocab_size": VOCAB}, temperature=0.001)).eval()
+    model = build_model(dataclasses.replace(tiny_config, temperature=0.001)).eval()
     assert model.align_head.logit_scale.item() == pytest.approx(6.9078, abs=1e-4)  # log(1000), the raw value
     assert model(make_batch(batch=3), align=True).logit_scale.item() == pytest.approx(100.0, rel=1e-5)
 
@@ -236,10 +236,10 @@ def test_match_reuses_encoder_states_for_itm(model):
                                atol=1e-5, rtol=1e-5)
 
 
-def test_one_mpma_pass_with_alignment_and_hard_negative_itm_trains_in_bf16():
+def test_one_mpma_pass_with_alignment_and_hard_negative_itm_trains_in_bf16(tiny_config):
     """Paired masking, ITC, local alignment and ITM with hard negatives from the same encoder states."""
     torch.manual_seed(0)
-    model = build_model(model_config("tiny", text={"vocab_size": VOCAB}, memory_slots=4)).train()
+    model = build_model(dataclasses.replace(tiny_config, memory_slots=4)).train()
     batch = make_batch(batch=6)
     g = torch.Generator().manual_seed(0)
     with torch.autocast("cpu", dtype=torch.bfloat16):

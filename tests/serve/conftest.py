@@ -51,18 +51,3 @@ def vqa_run(tmp_path_factory):
         "trainer.max_steps=2", "trainer.val_every=2", "trainer.progress_bar=false", "vocab_size=400",
         "synthetic.workers=1", *SMALL])
     return finetune(config)
-
-
-
-@pytest.fixture(scope="session")
-def pretrained_run(tmp_path_factory):
-    """A 2-step M3AE pre-training run on a tiny synthetic corpus (served for ranking and embeddings)."""
-    from medvlp.training.pretrain import load_pretrain_config, pretrain
-
-    root = tmp_path_factory.mktemp("serve-pretrain")
-    config = load_pretrain_config("src/medvlp/configs/m3ae-tiny.yaml", [
-        f"run_dir={root / 'run'}", f"data.synthetic_dir={root / 'data'}", "data.batch_size=4", "data.num_workers=0",
-        "trainer.max_steps=2", "trainer.val_every=2", "trainer.val_batches=1", "trainer.pictures=0",
-        "trainer.progress_bar=false", "data.vocab_size=300", "data.synthetic.workers=1",
-        *[s.replace("synthetic.", "data.synthetic.") for s in SMALL]])
-    return pretrain(config)

@@ -328,11 +328,11 @@ def test_serve_loads_a_run_folder_and_refuses_what_is_not_one(vqa_run, tmp_path,
     assert "did you mean 'max_batch'" in capsys.readouterr().err
 
 
-def test_a_pretraining_run_ranks_and_embeds(pretrained_run, tmp_path):
+def test_a_pretraining_run_ranks_and_embeds(tiny_pretrain_run, tmp_path):
     images = [png_of(64, 64, seed=s) for s in range(2)]
     for i, data in enumerate(images):
         (tmp_path / f"g{i}.png").write_bytes(data)
-    app = build(pretrained_run, ["precision=fp32"], gallery=tmp_path)
+    app = build(tiny_pretrain_run, ["precision=fp32"], gallery=tmp_path)
 
     async def requests(client):
         return (await client.get("/v1/model"), await client.post("/v1/rank", data={"text": "a mass"}),

@@ -20,9 +20,9 @@ from medvlp.training.finetune import (
     finetune,
     holdout_images,
     load_finetune_config,
-    load_finetuned,
 )
 from medvlp.training.pretrain import load_pretrain_config, pretrain
+from medvlp.training.runs import open_run
 
 SMALL = [f"{family}_{split}={n}" for family in ("pretrain", "vqa", "classification", "retrieval")
          for split, n in (("train", 48), ("val", 12), ("test", 10))]
@@ -56,7 +56,8 @@ def test_each_task_fine_tunes_from_the_pretraining_run(pretrained, task, selecti
     assert metrics["split"] == "test" and metrics["best_step"] in (2, 4)
     assert [h["step"] for h in metrics["val_history"]] == [2, 4]
     assert metrics["val"][selection] == max(h[selection] for h in metrics["val_history"])
-    config, model, _ = load_finetuned(run)
+    opened = open_run(run, "fine-tuned")
+    config, model = opened.config, opened.model
     assert config.init == str(pretrained) and model.cfg.image_size == 80
     assert model.vision.model.embeddings.position_embedding.weight.shape[0] == 1 + 5 * 5  # resized once
     # the pre-trained encoders were the starting point: their weights moved only a little
@@ -96,7 +97,8 @@ def test_best_checkpoint_is_the_best_validation_step(pretrained, monkeypatch):
 
 def test_scratch_run_trains_its_own_tokenizer(pretrained):
     run = finetune(settings(pretrained, "scratch", "classification"))
-    config, model, tokenizer = load_finetuned(run)
+    opened = open_run(run, "fine-tuned")
+    config, model = opened.config, opened.model
     assert config.init is None and (run / "tokenizer" / "tokenizer.json").is_file()
     assert config.classes == ["bilateral lesions", "multiple unilateral lesions", "normal", "single lesion"]
     assert model.classifier.num_classes == 4

@@ -7,6 +7,7 @@ import json
 import lightning as L
 import pytest
 import torch
+from helpers import tiny_model_and_batch
 
 from medvlp.errors import ConfigError, MedvlpError
 from medvlp.training.checkpoint import WEIGHTS, load_weights, resolve_checkpoint
@@ -85,112 +86,18 @@ def test_bad_config_values_give_one_line(tmp_path, override, message):
     assert "\n" not in str(error.value)
 
 
-# -- MPMA: one framework with M3AE, each component a switch -----------------------------------------------------
-def tiny_model_and_batch(batch_size=6, **model):
-    from medvlp.models.config import model_config
-    from medvlp.models.model import build_model
-
-    torch.manual_seed(0)
-    net = build_model(model_config("tiny", **model)).eval()
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(5, 4096, (batch_size, 12), generator=g)
-    ids[:, 0], ids[:, -1] = 0, 2
-    labels = torch.full_like(ids, -100)
-    labels[:, 3] = ids[:, 3]
-    batch = {"pixels": torch.randint(0, 256, (batch_size, 1, 64, 64), dtype=torch.uint8, generator=g),
-             "input_ids": ids, "attention_mask": torch.ones_like(ids),
-             "mlm_input_ids": torch.where(labels != -100, 4, ids), "mlm_labels": labels}
-    return net, batch
-
-
-class CountingModel(torch.nn.Module):
-    """Counts forward passes and fusion-only ITM calls of a model."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.inner, self.passes, self.matches = model, [], 0
-        self.cfg = model.cfg
-
-    def forward(self, batch, **flags):
-        self.passes.append({k for k, v in flags.items() if v})
-        return self.inner(batch, **flags)
-
-    def match(self, *args):
-        self.matches += 1
-        return self.inner.match(*args)
-
-
-@pytest.mark.parametrize("switches, passes, matches, parts", [
-    ({}, [{"mask_text"}, {"mask_image"}], 1, {"mlm", "mim", "itm"}),  # M3AE: ITM fuses the other passes' states
-    ({"paired_masking": True, "itc": 1.0, "local": 1.0, "hard_negatives": True},
-     [{"mask_image", "mask_text", "itm", "align"}], 1, {"mlm", "mim", "itm", "itc", "local"}),  # MPMA: one pass
-    ({"paired_masking": True}, [{"mask_image", "mask_text", "itm"}], 1, {"mlm", "mim", "itm"}),
-    ({"itc": 1.0}, [{"mask_text", "align"}, {"mask_image"}], 1, {"mlm", "mim", "itm", "itc"}),
-    ({"mim": 0.0}, [{"mask_text"}, {"itm"}], 0, {"mlm", "itm"}),  # no whole-text pass to reuse: its own ITM pass
-    ({"hard_negatives": True}, [{"mask_text", "itm", "align"}, {"mask_image"}], 1, {"mlm", "mim", "itm"}),
-    ({"mlm": 0.0, "mim": 0.0, "itm": 0.0, "itc": 1.0}, [{"align"}], 0, {"itc"}),
-    ({"paired_masking": True, "mlm": 0.0, "itc": 1.0}, [{"mask_image", "itm", "align"}], 1, {"mim", "itm", "itc"}),
-])
-def test_each_component_is_a_switch(switches, passes, matches, parts):
-    from medvlp.training.pretrain import TasksConfig, pretrain_losses
-
-    net, batch = tiny_model_and_batch()
-    counting = CountingModel(net)
-    loss, logs, _ = pretrain_losses(counting, batch, TasksConfig(**switches))
-    assert counting.passes == passes and counting.matches == matches
-    assert {k.removesuffix("_loss") for k in logs if k.endswith("_loss")} == parts
-    assert torch.isfinite(loss)
-    loss.backward()
-    assert net.text.word_embeddings.weight.grad is not None
-    assert net.vision.model.embeddings.patch_embedding.weight.grad is not None
-
-
 @pytest.mark.parametrize("off", ["mlm", "mim"])
 def test_pictures_of_a_paired_run_without_mlm_or_mim(tmp_path, off):
     from medvlp.data.tokenizer import train_tokenizer
+    from medvlp.objectives.recipes import pretrain_losses
+    from medvlp.training.config import TasksConfig
     from medvlp.training.pictures import save_pretrain_picture
-    from medvlp.training.pretrain import TasksConfig, pretrain_losses
 
     net, batch = tiny_model_and_batch()
     _, _, passes = pretrain_losses(net, batch, TasksConfig(paired_masking=True, **{off: 0.0}))
     assert off not in passes and "pair" in passes
     tokenizer = train_tokenizer(["a small round lesion in the left lung"] * 4, tmp_path / "tok", vocab_size=300)
     assert save_pretrain_picture(tmp_path / "p.png", net, batch, passes, tokenizer, 2).is_file()
-
-
-def test_reused_itm_pairs_every_text_with_its_own_image_and_another():
-    from medvlp.training.pretrain import reused_itm
-
-    net, batch = tiny_model_and_batch(batch_size=5)
-    pair = net(batch, itm=True, align=True)
-    for hard in (False, True):
-        logits, labels = reused_itm(net, pair, batch, hard)
-        assert logits.shape == (10, 2) and labels.tolist() == [1] * 5 + [0] * 5
-        assert torch.allclose(logits[:5], pair.itm_logits)
-
-
-def test_a_batch_of_one_skips_the_reused_itm():
-    from medvlp.training.pretrain import TasksConfig, pretrain_losses
-
-    net, batch = tiny_model_and_batch(batch_size=1)
-    _, logs, _ = pretrain_losses(net, batch, TasksConfig(paired_masking=True, hard_negatives=True, itc=1.0))
-    assert "itm_loss" not in logs and "mlm_loss" in logs and "itc_loss" in logs
-
-
-def test_whole_image_alignment_reads_every_patch_while_the_fused_pass_stays_masked():
-    import dataclasses
-
-    from medvlp.training.pretrain import TasksConfig, pretrain_losses
-
-    net, batch = tiny_model_and_batch()
-    tasks = TasksConfig(paired_masking=True, itc=1.0, local=1.0, hard_negatives=True, align_whole_image=True)
-    _, logs, passes = pretrain_losses(net, batch, tasks)
-    pair, whole = passes["pair"], net.align_head.embed_image(net.encode_image(batch["pixels"]).states)
-    assert torch.allclose(pair.image_embed, whole[:, 0], atol=1e-5)
-    assert torch.allclose(pair.patch_embeds, whole[:, 1:], atol=1e-5) and pair.patch_embeds.shape[1] == 16
-    assert pair.image_features.shape[1] == 1 + 4 and {"mim_loss", "itc_loss", "local_loss"} <= logs.keys()
-    _, _, passes = pretrain_losses(net, batch, dataclasses.replace(tasks, align_whole_image=False))
-    assert passes["pair"].patch_embeds.shape[1] == 4  # switched off: the 4 visible patches of 16
 
 
 @pytest.mark.parametrize("name", ["m3ae-tiny", "mpma-tiny", "m3ae-base", "mpma-base"])
@@ -212,7 +119,8 @@ def test_shipped_configs_load_and_say_what_the_papers_do(name):
 
 
 def test_mpma_run_and_zero_shot_retrieval_from_its_checkpoint(tmp_path):
-    from medvlp.training.pretrain import load_run, zero_shot
+    from medvlp.jobs.zero_shot import zero_shot
+    from medvlp.training.runs import open_run
 
     run = pretrain(config(tmp_path, "mpma", "tasks.paired_masking=true", "tasks.itc=1", "tasks.local=1",
                           "tasks.hard_negatives=true", "model.memory_slots=4"))
@@ -223,33 +131,36 @@ def test_mpma_run_and_zero_shot_retrieval_from_its_checkpoint(tmp_path):
     assert metrics["i2t_r5"] == metrics["t2i_r5"] == 100.0  # 4 candidates: all of them within 5
     final = json.loads((run / "metrics.json").read_text())  # ITM by M3AE's protocol, and the objective's own
     assert {"val/itm_acc", "val/itm_objective_acc"} <= final.keys()
-    _, model, _ = load_run(run)
+    model = open_run(run).model
     saved = load_weights(resolve_checkpoint(run) / WEIGHTS)
     assert torch.equal(model.fusion.memory, saved["model.fusion.memory"])
     assert not model.training
 
 
-def test_load_run_refuses_weights_of_another_model(tmp_path):
-    from medvlp.training.pretrain import load_run
+def test_open_run_refuses_weights_of_another_model(tmp_path):
+    from medvlp.training.runs import open_run
 
     run = pretrain(config(tmp_path, "run", "trainer.max_steps=3"))
-    (run / "config.yaml").write_text((run / "config.yaml").read_text().replace("memory_slots: 0",
-                                                                               "memory_slots: 8"))
-    with pytest.raises(MedvlpError, match=r"does not fit the model .* 33 weights missing \(e.g. \[.fusion.memory."):
-        load_run(run)
+    own = resolve_checkpoint(run) / "model.yaml"  # the model's own config, beside its weights
+    own.write_text(own.read_text().replace("memory_slots: 0", "memory_slots: 8"))
+    with pytest.raises(MedvlpError, match=r"does not fit the model of .*model.yaml: 0 weights missing .* 33 "
+                                          r"unexpected|does not fit the model of .*model.yaml: 33 weights missing"):
+        open_run(run)
 
 
 def test_exported_encoders_start_another_run_with_their_weights(tmp_path, capsys):
     from medvlp.cli import main
     from medvlp.data.tokenizer import load_tokenizer
     from medvlp.models.model import build_model
-    from medvlp.training.pretrain import load_run, with_tokenizer
+    from medvlp.training.pretrain import with_tokenizer
+    from medvlp.training.runs import open_run
 
     run = pretrain(config(tmp_path, "run", "trainer.max_steps=3"))
     assert main(["export", str(run), "--out", str(tmp_path / "export")]) == 0
     paths = {part: tmp_path / "export" / part for part in ("vision", "text", "tokenizer")}
     assert f"model.vision.pretrained={paths['vision']}" in capsys.readouterr().out
-    _, trained, tokenizer = load_run(run)
+    opened = open_run(run)
+    trained, tokenizer = opened.model, opened.tokenizer
     follow = config(tmp_path, "next", f"model.vision.pretrained={paths['vision']}",
                     f"model.text.pretrained={paths['text']}", f"data.tokenizer={paths['tokenizer']}")
     model = build_model(with_tokenizer(follow.model, tokenizer))
@@ -270,10 +181,10 @@ def test_exported_encoders_start_another_run_with_their_weights(tmp_path, capsys
 
 def test_a_conv_stem_run_reloads_with_its_stem_and_is_not_exported_as_clip(tmp_path, capsys):
     from medvlp.cli import main
-    from medvlp.training.pretrain import load_run
+    from medvlp.training.runs import open_run
 
     run = pretrain(config(tmp_path, "stem", "trainer.max_steps=3", "model.vision.conv_stem=true"))
-    _, model, _ = load_run(run)
+    model = open_run(run).model
     saved = load_weights(resolve_checkpoint(run) / WEIGHTS)
     stem = {k: v for k, v in saved.items() if ".vision.stem." in k}
     assert stem and all(torch.equal(model.get_parameter(k.removeprefix("model.")), v)

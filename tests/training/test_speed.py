@@ -9,9 +9,10 @@ import torch
 from medvlp.models.config import model_config
 from medvlp.models.model import build_model, param_groups
 from medvlp.objectives import itm_batch, itm_loss, mim_loss, mlm_loss
+from medvlp.objectives.recipes import pretrain_losses
 from medvlp.training import trainer as trainer_module
+from medvlp.training.config import TasksConfig
 from medvlp.training.optim import OptimConfig, build_optimizer
-from medvlp.training.pretrain import TasksConfig, pretrain_losses
 from medvlp.training.trainer import LARGE_MODEL_PARAMS, choose_precision
 
 

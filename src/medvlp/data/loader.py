@@ -183,3 +183,22 @@ def make_loader(dataset: Dataset, collator: Collator, *, batch_size: int, num_wo
         collate_fn=_Collate(collator), persistent_workers=persistent and num_workers > 0,
         pin_memory=torch.cuda.is_available(), prefetch_factor=4 if num_workers > 0 else None,
     )
+
+
+def eval_loader(dataset: Dataset, tokenizer: Any, max_text_len: int, batch_size: int = 64,
+                num_workers: int = 0) -> DataLoader:
+    """Batches of evaluation data, in order: whole texts (nothing masked) cut at ``max_text_len`` tokens.
+
+    Args:
+        dataset: a ``FamilyDataset`` (or some rows of one) read with ``train=False``.
+        tokenizer: the run's tokenizer.
+        max_text_len: the run's text length (``data.max_text_len`` of pre-training, ``max_text_len`` of
+            fine-tuning).
+        batch_size: samples per batch.
+        num_workers: reader processes (0: in this process); none outlives a pass over the data.
+
+    Returns:
+        A ``DataLoader`` of collated batches (``pixels``, ``input_ids``, ``attention_mask`` and the targets).
+    """
+    collator = Collator(tokenizer, max_length=max_text_len, mlm_probability=0.0)
+    return make_loader(dataset, collator, batch_size=batch_size, num_workers=num_workers, persistent=False)

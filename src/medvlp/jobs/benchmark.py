@@ -55,8 +55,8 @@ PUBLISHED: dict[str, dict[str, dict[str, float]]] = {
 
 MARKER = "medvlp-benchmark.json"  # written first: marks the folder as a benchmark's, for ``fresh``
 OUTPUTS = ("report.md", "report.json", "curves.png")
-RUN_FILES = {"config.yaml", "tokenizer", "model.safetensors", "model.safetensors.sha256", "metrics.json", "logs",
-             "checkpoints"}  # what finetune writes
+RUN_FILES = {"config.yaml", "tokenizer", "model.safetensors", "model.safetensors.sha256", "model.yaml",
+             "metrics.json", "logs", "checkpoints"}  # what finetune writes
 
 
 @dataclass

@@ -15,12 +15,13 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from medvlp.constants import CLIP_MEAN, CLIP_STD, IGNORE_INDEX
+from medvlp.constants import CLIP_MEAN, CLIP_STD, IGNORE_INDEX, MODEL_CONFIG, WEIGHTS
+from medvlp.errors import MedvlpError
 from medvlp.models.config import ModelConfig
 from medvlp.models.encoders import ImageEncoding, Masking, build_text_encoder, build_vision_encoder, random_masking
 from medvlp.models.fusion import CoAttentionFusion, FusionOutput
 from medvlp.models.heads import AlignmentHead, ClassifierHead, ITMHead, MIMDecoder, MLMHead, match_score
-from medvlp.models.pretrained import load_into, load_weights, save_weights
+from medvlp.models.pretrained import load_into, load_model_config, load_weights, save_model_config, save_weights
 
 __all__ = ["CLIP_MEAN", "CLIP_STD", "MedVLP", "MedVLPOutput", "build_model", "normalize_pixels", "param_groups",
            "patchify", "random_masking", "unpatchify"]
@@ -213,19 +214,51 @@ class MedVLP(nn.Module):
 
     # -- weights on disk: the one save/load path (models/pretrained.py) ----------------------------------------
 
-    def save_pretrained(self, path: Path | str, metadata: dict[str, str] | None = None, *, prefix: str = "") -> None:
-        """Write the weights to ``path`` (safetensors, atomically, a checksum beside them), each name led by
-        ``prefix`` (a Lightning module's ``model.``); ``metadata``: strings stored in the file."""
-        save_weights({f"{prefix}{k}": v for k, v in self.state_dict().items()}, Path(path), metadata)
+    def save_pretrained(self, folder: Path | str, metadata: dict[str, str] | None = None, *,
+                        prefix: str = "") -> Path:
+        """Save the model into ``folder`` (created if missing): its weights as ``model.safetensors`` (atomically,
+        a ``.sha256`` checksum beside them) and its config as ``model.yaml``, which is all ``from_pretrained``
+        needs to build it again.
+
+        Args:
+            folder: where to write; files of these names already there are replaced.
+            metadata: strings stored in the weights file (``{"step": "300"}``).
+            prefix: put before every weight name (``model.``: a Lightning module's checkpoint).
+
+        Returns:
+            The weights file's path.
+        """
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        save_model_config(self.cfg, folder)
+        save_weights({f"{prefix}{k}": v for k, v in self.state_dict().items()}, folder / WEIGHTS, metadata)
+        return folder / WEIGHTS
 
     @classmethod
-    def from_pretrained(cls, cfg: ModelConfig, path: Path | str, *, prefix: str = "",
-                        source: str = "its config") -> MedVLP:
-        """The model of ``cfg`` with the weights of ``path`` (written by ``save_pretrained``; names led by
-        ``prefix`` lose it), in eval mode. Weights that do not fit are a one-line error naming ``path`` and
-        ``source`` (what ``cfg`` came from); a damaged file fails its checksum."""
-        weights = {k.removeprefix(prefix): v for k, v in load_weights(path).items()}
-        return load_into(build_model(cfg), weights, str(path), source).eval()
+    def from_pretrained(cls, folder: Path | str, *, prefix: str = "", default_config: ModelConfig | None = None,
+                        default_source: str = "its run config") -> MedVLP:
+        """The model saved in ``folder`` (by ``save_pretrained``, or a checkpoint of a run), in eval mode.
+
+        Args:
+            folder: holds ``model.safetensors`` and ``model.yaml``.
+            prefix: removed from the front of every weight name (``model.`` in a pre-training checkpoint).
+            default_config: the config to build when ``folder`` has no ``model.yaml`` (a run written before
+                medvlp saved it: its run config's ``model`` section); without one that is an error.
+            default_source: what ``default_config`` came from, for the error messages.
+
+        Returns:
+            The model with the weights loaded. Weights that do not fit the config are a one-line ``MedvlpError``
+            naming both files; a damaged weights file fails its checksum.
+        """
+        folder = Path(folder)
+        cfg, source = load_model_config(folder), str(folder / MODEL_CONFIG)
+        if cfg is None:
+            if default_config is None:
+                raise MedvlpError(f"{folder}: no {MODEL_CONFIG} beside the weights; give a folder written by "
+                                  "MedVLP.save_pretrained, or open a run folder with medvlp.load")
+            cfg, source = default_config, default_source
+        weights = {k.removeprefix(prefix): v for k, v in load_weights(folder / WEIGHTS).items()}
+        return load_into(build_model(cfg), weights, str(folder / WEIGHTS), source).eval()
 
     def resize_image(self, image_size: int) -> None:
         """Make ``image_size`` the model's native size (fine-tuning uses larger images than pre-training): the

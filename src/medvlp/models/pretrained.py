@@ -1,11 +1,11 @@
-"""Weights on disk: the one way medvlp saves and loads a model's weights, for every kind of run (pre-training
+"""Weights on disk: the one way medvlp saves and loads a model, for every kind of run (pre-training
 checkpoints, fine-tuned runs, converted checkpoints).
 
-Weights are safetensors (nothing is ever unpickled), written atomically with a ``NAME.sha256`` checksum beside
-them that every read compares, so a damaged or foreign file is a one-line error instead of silently wrong
-weights. ``MedVLP.save_pretrained`` / ``MedVLP.from_pretrained`` are the model's side of it; a run's loader
-(``training.pretrain.load_run``, ``training.finetune.load_finetuned``) reads the run's config and calls
-``from_pretrained``.
+A saved model is a folder holding ``model.safetensors`` (the weights) and ``model.yaml`` (the ``ModelConfig``
+that builds the model they fit). Weights are safetensors (nothing is ever unpickled), written atomically with a
+``NAME.sha256`` checksum beside them that every read compares, so a damaged or foreign file is a one-line error
+instead of silently wrong weights. ``MedVLP.save_pretrained`` / ``MedVLP.from_pretrained`` are the model's side
+of it; ``training.runs.open_run`` opens a whole run folder (its tokenizer, task and classes too) through them.
 """
 
 from __future__ import annotations
@@ -16,13 +16,16 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
+import yaml
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from medvlp.constants import WEIGHTS
+from medvlp.config import load_config, to_dict
+from medvlp.constants import MODEL_CONFIG, WEIGHTS
 from medvlp.errors import MedvlpError
 from medvlp.integrity import checksum_path, cleaned_on_failure, verify_checksum, write_checksum
+from medvlp.models.config import ModelConfig
 
 
 def save_weights(state_dict: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None, *,
@@ -85,3 +88,20 @@ def load_into(model: nn.Module, weights: Mapping[str, torch.Tensor], source: str
         raise MedvlpError(f"{source} does not fit the model of {config}: {len(missing)} weights missing (e.g. "
                           f"{missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]})")
     return model
+
+
+def save_model_config(cfg: ModelConfig, folder: Path) -> Path:
+    """Write ``cfg`` as ``folder/model.yaml`` (atomically: a reader never sees half a file); returns its path."""
+    path = Path(folder) / MODEL_CONFIG
+    tmp = path.with_name(f".{path.name}.tmp")
+    with cleaned_on_failure(tmp, what=str(path)):
+        tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
+        os.replace(tmp, path)
+    return path
+
+
+def load_model_config(folder: Path) -> ModelConfig | None:
+    """The ``ModelConfig`` of ``folder/model.yaml``, checked; ``None`` when the folder has none (a run written
+    before model.yaml existed). A file that does not read as a model config is a one-line ``ConfigError``."""
+    path = Path(folder) / MODEL_CONFIG
+    return load_config(ModelConfig, path) if path.is_file() else None

@@ -1,11 +1,13 @@
 """Checkpoints: model weights as safetensors, the trainer's state beside them, written atomically.
 
 A checkpoint is a directory ``step-000300/`` holding ``model.safetensors`` (the weights: safe to read from
-anyone) and ``trainer.pt`` (optimiser, schedule and loop state: plain tensors and numbers, read back with
-``torch.load(weights_only=True)``, never unpickled), each with a ``.sha256`` checksum beside it that every read
-compares. It is written to a staging directory and renamed into place, then ``latest`` (a one-line text file)
-is replaced to name it, so a run killed at any moment leaves its last complete checkpoint as ``latest`` (and
-should ``latest`` be lost anyway, resuming falls back to the newest complete ``step-*`` folder).
+anyone; their names led by the Lightning module's ``model.``), ``model.yaml`` (the model's config, so that
+``MedVLP.from_pretrained`` builds the model from the checkpoint alone) and ``trainer.pt`` (optimiser, schedule
+and loop state: plain tensors and numbers, read back with ``torch.load(weights_only=True)``, never unpickled),
+each file of state with a ``.sha256`` checksum beside it that every read compares. It is written to a staging
+directory and renamed into place, then ``latest`` (a one-line text file) is replaced to name it, so a run killed
+at any moment leaves its last complete checkpoint as ``latest`` (and should ``latest`` be lost anyway, resuming
+falls back to the newest complete ``step-*`` folder).
 """
 
 from __future__ import annotations
@@ -21,10 +23,10 @@ from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 from lightning.pytorch.callbacks import Callback
 from safetensors import safe_open
 
-from medvlp.constants import LATEST, TRAINER_STATE, WEIGHTS
+from medvlp.constants import LATEST, MODEL_CONFIG, TRAINER_STATE, WEIGHTS
 from medvlp.errors import MedvlpError
 from medvlp.integrity import cleaned_on_failure, verify_checksum, write_checksum
-from medvlp.models.pretrained import load_weights, save_weights  # noqa: F401 (the trainer's I/O; re-exported)
+from medvlp.models.pretrained import load_weights, save_model_config, save_weights  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +44,9 @@ class SafeCheckpointIO(CheckpointIO):
             stage.mkdir(parents=True)
             state = dict(checkpoint)
             weights = state.pop("state_dict")
+            model_config = state.pop(MODEL_CONFIG, None)  # put there by the module's on_save_checkpoint
+            if model_config is not None:
+                save_model_config(model_config, stage)
             save_weights(weights, stage / WEIGHTS, {"global_step": str(state.get("global_step", 0))},
                          what=f"checkpoint {path}")
             torch.save(state, stage / TRAINER_STATE)

@@ -1,5 +1,5 @@
-"""The downstream tasks, one registry entry each: which data family it reads, its loss on a batch, how a split
-is evaluated, and which validation metric picks the best checkpoint.
+"""The downstream tasks, one registry entry each: which data family it reads, its training step (a recipe of
+``objectives.recipes``), how a split is evaluated, and which validation metric picks the best checkpoint.
 
 =================  ==============  ===========================================  ============================
 task               family          loss                                         metrics (selection first)
@@ -29,7 +29,7 @@ from medvlp.errors import MedvlpError
 from medvlp.evaluation.metrics import classification_metrics, vqa_accuracy
 from medvlp.evaluation.retrieval import encode_pairs, retrieval_metrics
 from medvlp.models.model import MedVLP
-from medvlp.objectives import classification_loss, hard_negatives, itc_loss, ranking_loss, vqa_loss
+from medvlp.objectives.recipes import classification_step, retrieval_step, vqa_step
 from medvlp.training.config import RetrievalConfig
 
 Loss = Callable[[MedVLP, Mapping[str, Any], RetrievalConfig], tuple[Tensor, dict[str, Tensor]]]
@@ -47,10 +47,6 @@ class DownstreamTask:
 
 
 # -- Med-VQA -----------------------------------------------------------------------------------------------------
-def vqa_step(model: MedVLP, batch: Mapping[str, Any], _: RetrievalConfig) -> tuple[Tensor, dict[str, Tensor]]:
-    return vqa_loss(model(batch, classify=True), batch)
-
-
 @torch.no_grad()
 def evaluate_vqa(model: MedVLP, loader, dataset, _: RetrievalConfig) -> dict[str, float]:
     correct, closed = [], []
@@ -62,10 +58,6 @@ def evaluate_vqa(model: MedVLP, loader, dataset, _: RetrievalConfig) -> dict[str
 
 
 # -- classification ----------------------------------------------------------------------------------------------
-def classification_step(model: MedVLP, batch: Mapping[str, Any], _: RetrievalConfig):
-    return classification_loss(model(batch, classify=True), batch)
-
-
 @torch.no_grad()
 def evaluate_classification(model: MedVLP, loader, dataset, _: RetrievalConfig) -> dict[str, float]:
     predicted, target = [], []
@@ -76,36 +68,6 @@ def evaluate_classification(model: MedVLP, loader, dataset, _: RetrievalConfig) 
 
 
 # -- retrieval ---------------------------------------------------------------------------------------------------
-def retrieval_step(model: MedVLP, batch: Mapping[str, Any], cfg: RetrievalConfig) -> tuple[Tensor, dict[str, Tensor]]:
-    """ITC on the pass's global embeddings, plus the ITM ranking loss of every true pair against ``negatives``
-    hard negatives per direction, fused from the same encoder states (no second encoding)."""
-    out = model(batch, itm=True, align=True)
-    size = out.text_features.shape[0]
-    loss, metrics = torch.zeros((), device=out.itm_logits.device), {}
-    if cfg.itc:
-        itc, m = itc_loss(out)
-        loss = loss + cfg.itc * itc
-        metrics.update({f"itc_{k}": v for k, v in m.items()})
-    k = min(cfg.negatives, size - 1)
-    if k < 1:  # a batch of one has nothing to rank against
-        return loss, metrics
-    similarity = out.logit_scale * out.text_embed @ out.image_embed.T  # [text, image]
-    mask = batch["attention_mask"].to(out.text_features.device)
-    positive = model.match_score(out.itm_logits)[:, None]  # [B, 1]
-    image_donors = hard_negatives(similarity, k=k)  # [B, k]: other images for each text
-    text_donors = hard_negatives(similarity.T, k=k)  # [B, k]: other texts for each image
-    text_rows = torch.arange(size, device=image_donors.device).repeat_interleave(k)
-    wrong_image = model.match(out.text_features[text_rows], mask[text_rows],
-                              out.image_features[image_donors.flatten()])
-    other_texts = text_donors.flatten()
-    wrong_text = model.match(out.text_features[other_texts], mask[other_texts], out.image_features[text_rows])
-    for name, negatives in (("t2i", wrong_image), ("i2t", wrong_text)):
-        rank, m = ranking_loss(torch.cat([positive, model.match_score(negatives).view(size, k)], dim=1))
-        loss = loss + rank / 2
-        metrics[f"rank_{name}_acc"] = m["accuracy"]
-    return loss, metrics
-
-
 @torch.no_grad()
 def evaluate_retrieval(model: MedVLP, loader, dataset, cfg: RetrievalConfig) -> dict[str, float]:
     encoded = encode_pairs(model, loader, dataset.image_ids(), states=cfg.eval_mode != "zero-shot")

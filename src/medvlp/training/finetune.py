@@ -7,8 +7,9 @@ trains for ``trainer.max_steps`` steps, evaluates the validation split every ``t
 keeps the best weights by the task's selection metric, then evaluates the best weights on the test split.
 
 A fine-tuned run folder holds ``config.yaml`` (the resolved config, including the model's architecture and
-the classifier's classes in order), ``tokenizer/``, ``model.safetensors`` (the best weights), ``metrics.json``
-(best validation and test metrics) and ``logs/`` (training curves). ``load_finetuned`` reads it back.
+the classifier's classes in order), ``tokenizer/``, ``model.safetensors`` (the best weights) with ``model.yaml``
+(the model's config), ``metrics.json`` (best validation and test metrics) and ``logs/`` (training curves).
+``training.runs.open_run`` reads it back.
 
 A dataset without a validation split (VQA-RAD ships train and test only) gives up ``val_fraction`` of its
 training *images*, with all their questions, so that no image is both trained on and validated on.
@@ -30,10 +31,10 @@ import lightning as L
 import torch
 from torch.utils.data import Dataset
 
-from medvlp.config import load_config, save_config
-from medvlp.constants import WEIGHTS
+from medvlp.config import save_config
+from medvlp.constants import MODEL_CONFIG, WEIGHTS
 from medvlp.data.collate import Collator
-from medvlp.data.loader import FamilyDataset, make_loader
+from medvlp.data.loader import FamilyDataset, eval_loader, make_loader
 from medvlp.data.records import Records, read_manifest
 from medvlp.data.sampler import StreamSampler
 from medvlp.data.synthetic import ensure_corpus
@@ -44,6 +45,7 @@ from medvlp.training.checkpoint import Checkpointer, checkpoint_step, resume_poi
 from medvlp.training.config import FINETUNE_IMAGE_SIZE, FinetuneConfig, load_finetune_config  # noqa: F401 (re-exported)
 from medvlp.training.downstream import TASKS, DownstreamTask, downstream_task
 from medvlp.training.optim import build_optimizer, build_schedule
+from medvlp.training.runs import open_run, run_kind
 from medvlp.training.trainer import build_trainer
 
 log = logging.getLogger(__name__)
@@ -134,12 +136,18 @@ def initial_model(config: FinetuneConfig, classes: Sequence[str], texts) -> tupl
     from medvlp.training.pretrain import with_tokenizer
 
     if config.init:
-        model, tokenizer, init_classes, init_task = load_any(config.init)
-        if init_task is not None:
-            if init_task != config.task:
-                raise MedvlpError(f"init={config.init} was fine-tuned for {init_task}, not {config.task}; "
+        if run_kind(config.init) == "exported":
+            export = Path(config.init)
+            raise MedvlpError(f"init={export} is an export (the encoders only); start from it with init=null "
+                              f"model.vision.pretrained={export / 'vision'} model.text.pretrained={export / 'text'} "
+                              f"tokenizer={export / 'tokenizer'}")
+        init = open_run(config.init)
+        model, tokenizer = init.model, init.tokenizer
+        if init.task is not None:
+            if init.task != config.task:
+                raise MedvlpError(f"init={config.init} was fine-tuned for {init.task}, not {config.task}; "
                                   "start from a pre-training run")
-            check_classes(init_classes, classes, config.init, Path(config.data or "the data"))
+            check_classes(init.classes, classes, config.init, Path(config.data or "the data"))
         elif classes:
             fresh = MedVLP(dataclasses.replace(model.cfg, num_classes=len(classes)))
             missing, _ = fresh.load_state_dict(model.state_dict(), strict=False)  # all but the new classifier
@@ -159,37 +167,6 @@ def initial_model(config: FinetuneConfig, classes: Sequence[str], texts) -> tupl
         raise ConfigError(f"image_size={size} is not a multiple of the patch size {model.cfg.patch_size}")
     model.resize_image(size)
     return model.train(), tokenizer
-
-
-def is_finetuned(path: Path) -> bool:
-    """Whether ``path`` is a fine-tuned run folder (its best weights beside its config)."""
-    return (path / WEIGHTS).is_file() and (path / "config.yaml").is_file()
-
-
-def load_any(path: Path | str) -> tuple[MedVLP, Any, list[str], str | None]:
-    """A pre-training run or a fine-tuned run: (model in eval mode, tokenizer, classes, task or None)."""
-    path = Path(path)
-    if is_finetuned(path):
-        config, model, tokenizer = load_finetuned(path)
-        return model, tokenizer, config.classes, config.task
-    from medvlp.training.pretrain import load_run
-
-    _, model, tokenizer = load_run(path)
-    return model, tokenizer, [], None
-
-
-def load_finetuned(run: Path | str) -> tuple[FinetuneConfig, MedVLP, Any]:
-    """A fine-tuned run folder back as (config, model in eval mode with the best weights, tokenizer)."""
-    from medvlp.data.tokenizer import load_tokenizer
-
-    run = Path(run)
-    if not (run / "config.yaml").is_file() or not (run / WEIGHTS).is_file():
-        raise MedvlpError(f"{run}: not a fine-tuned run (expected config.yaml and {WEIGHTS}); give the run_dir "
-                          "`medvlp finetune` wrote")
-    config = load_config(FinetuneConfig, run / "config.yaml")
-    model = MedVLP.from_pretrained(config.model, run / WEIGHTS, source=str(run / "config.yaml"))
-    own = run / "tokenizer"  # a converted run may refer to its tokenizer by hub id instead
-    return config, model, load_tokenizer(own if own.is_dir() or not config.tokenizer else config.tokenizer)
 
 
 # -- training ----------------------------------------------------------------------------------------------------
@@ -214,6 +191,7 @@ class FinetuneModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["medvlp"] = {"batches_seen": self.batches_seen}
+        checkpoint[MODEL_CONFIG] = self.model.cfg  # written as the checkpoint's model.yaml (not into trainer.pt)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.batches_seen = checkpoint.get("medvlp", {}).get("batches_seen", 0)
@@ -260,7 +238,7 @@ class ModelSelection(L.Callback):
         if self.best is None or metrics[self.selection] > self.best[self.selection]:
             self.best, self.best_step = metrics, step
             if trainer.is_global_zero:
-                module.model.save_pretrained(self.run_dir / WEIGHTS, {"step": str(step)})
+                module.model.save_pretrained(self.run_dir, {"step": str(step)})
 
     def state_dict(self) -> dict[str, Any]:
         """The validations so far, saved in each checkpoint (``model.safetensors`` holds the best weights)."""
@@ -281,11 +259,6 @@ def collator(config: FinetuneConfig, tokenizer: Any) -> Collator:
     return Collator(tokenizer, max_length=config.max_text_len, mlm_probability=0.0, seed=config.trainer.seed)
 
 
-def eval_loader(config: FinetuneConfig, tokenizer: Any, dataset: Dataset, batch_size: int | None = None):
-    return make_loader(dataset, collator(config, tokenizer), batch_size=batch_size or 2 * config.batch_size,
-                       num_workers=config.num_workers, persistent=False)
-
-
 def evaluation_split(root: Path, split: str | None = None) -> str:
     splits = read_manifest(root)["splits"]
     if split is not None:
@@ -294,10 +267,19 @@ def evaluation_split(root: Path, split: str | None = None) -> str:
 
 
 def finetune(config: FinetuneConfig, callbacks: Sequence[L.Callback] = (), *, resume: bool = False) -> Path:
-    """Fine-tune as configured; returns the run folder (config, tokenizer, best weights, metrics, logs).
-    ``resume`` continues a run that was stopped from its last checkpoint (``run_dir/checkpoints``, removed
-    once the run has finished). A run that fails before it wrote weights or a checkpoint leaves no folder
-    behind when this call created it."""
+    """Fine-tune as configured.
+
+    Args:
+        config: the run's config (``training.config.load_finetune_config``); its ``data``, ``classes`` and
+            ``model`` are filled in from the data and ``init``.
+        callbacks: more Lightning callbacks for the trainer.
+        resume: continue a run that was stopped from its last checkpoint (``run_dir/checkpoints``, removed once
+            the run has finished).
+
+    Returns:
+        The run folder: ``config.yaml``, ``tokenizer/``, the best weights (``model.safetensors`` with
+        ``model.yaml``), ``metrics.json`` (best validation, test) and ``logs/``. A run that fails before it wrote
+        weights or a checkpoint leaves no folder behind when this call created it."""
     run_dir = Path(config.run_dir)
     created = not run_dir.exists()
     try:
@@ -374,7 +356,7 @@ def _finetune(config: FinetuneConfig, callbacks: Sequence[L.Callback], resume: b
     if not (run_dir / "tokenizer" / "tokenizer.json").is_file():
         tokenizer.save_pretrained(str(run_dir / "tokenizer"))
 
-    val_loader = eval_loader(config, tokenizer, val)
+    val_loader = eval_loader(val, tokenizer, config.max_text_len, 2 * config.batch_size, config.num_workers)
     selection = ModelSelection(lambda m: task.evaluate(m, val_loader, val, config.retrieval), task.selection,
                                run_dir, config.trainer.val_every)
     t = config.trainer
@@ -412,9 +394,19 @@ def run_answers(config: FinetuneConfig, need: Sequence[str], source: str, data: 
 
 def evaluate_run(run: Path | str, data: Path | str | None = None, split: str | None = None,
                  overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Evaluate a fine-tuned run (its best weights) on a split of its own dataset or of ``data`` (test by
-    default). ``overrides`` may change the retrieval evaluation (``{"eval_mode": "exhaustive"}``)."""
-    config, model, tokenizer = load_finetuned(run)
+    """Evaluate a fine-tuned run (its best weights).
+
+    Args:
+        run: the fine-tuned run folder (or a converted downstream checkpoint).
+        data: a prepared dataset of the run's task family; ``None``: the run's own.
+        split: the split to evaluate; ``None``: test (or the last split there is).
+        overrides: changes to the retrieval evaluation (``{"eval_mode": "exhaustive"}``).
+
+    Returns:
+        ``{"split": SPLIT, "rows": N, SPLIT: {metric: value}}`` (the task's metrics, in percent).
+    """
+    opened = open_run(run, "fine-tuned")
+    config, model, tokenizer = opened.config, opened.model, opened.tokenizer
     task = downstream_task(config.task)
     if not data and not config.data:
         raise MedvlpError(f"{run} names no dataset (a converted checkpoint); give one with --data PREPARED")
@@ -427,5 +419,6 @@ def evaluate_run(run: Path | str, data: Path | str | None = None, split: str | N
     dataset = FamilyDataset(root, split, config.model.image_size, train=False, answer_vocab=answers,
                             labels=config.classes, label_field=config.label_field)
     retrieval = dataclasses.replace(config.retrieval, **(overrides or {}))
-    metrics = task.evaluate(model, eval_loader(config, tokenizer, dataset), dataset, retrieval)
+    loader = eval_loader(dataset, tokenizer, config.max_text_len, 2 * config.batch_size, config.num_workers)
+    metrics = task.evaluate(model, loader, dataset, retrieval)
     return {"split": split, "rows": len(dataset), split: metrics}

@@ -1,28 +1,8 @@
-"""Pre-training: the run config, the objectives of one step, the Lightning module, and ``pretrain()``.
+"""Pre-training: the run (``pretrain()``) and its Lightning module; the run config is ``training.config``.
 
-One step runs the objectives the config switches on, each a pure function from ``medvlp.objectives``:
-
-- M3AE (``paired_masking: false``): three passes, as the reference code does: masked text + whole image
-  (MLM), masked image + whole text (MIM), and the ITM pass on a batch with half its images swapped at random,
-  which fuses the whole images and whole texts the first two passes encoded (``swapped_itm``).
-- MPMA (``paired_masking: true``): masked image (75%) and masked text (15%) in ONE pass; MLM, MIM, the global
-  and local alignment and the ITM positives are all read from it, and the ITM negatives fuse its text states
-  with other samples' image states (no second encoding). With ``hard_negatives`` those images are drawn in
-  proportion to the softmax of the global similarity (harder negatives more often), else uniformly.
-
-Which features the alignment losses read: those of the *pair pass*, the pass in which every image meets its
-own text. Under paired masking that is the masked pass: the global loss compares the class tokens of an image
-of which 25% of the patches were seen and of a text with 15% of its words masked, and the local loss matches
-words to the visible patches only. This is FLIP's recipe (Li et al., CVPR 2023): contrastive learning on
-masked images works about as well and costs a quarter of the vision encoder; it is what makes the paired step
-one encoder pass instead of three. FLIP measured that at scale and over long schedules; over the few hundred
-steps of a tiny model from scratch it halves the alignment (``mpma-tiny``, 500 steps: zero-shot R@1 0.4% /
-0.5% against 1.2% / 1.1%). So ``align_whole_image`` encodes the whole image once more, vision encoder only, and
-the alignment losses and the hard-negative similarities read that (the fused passes still see the masked
-image). ``mpma-tiny`` switches it on (7% more time per step there); ``mpma-base`` keeps FLIP's one pass, where
-a whole-image pass of ViT-B/16 would cost more than the rest of the vision work of the step. In the three-pass
-step the pair pass is the MLM pass (whole image, masked text). Zero-shot retrieval embeds whole images and whole
-texts (``MedVLP.embed_image``/``embed_text``).
+One step is the recipe of ``objectives.recipes.pretrain_losses`` (M3AE's three passes or MPMA's paired pass, and
+every switch of ``tasks``; its module docstring explains them); this module feeds it batches, logs its figures,
+validates, draws pictures and writes checkpoints.
 
 Every step's randomness (masks, swaps, negatives, dropout) is seeded from ``(seed, step)`` and every sample's
 (crop, caption choice, word masking) from its position in the sample stream, so a resumed run repeats exactly
@@ -37,134 +17,29 @@ import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import lightning as L
 import torch
 
-from medvlp.config import load_config, save_config
+from medvlp.config import save_config
+from medvlp.constants import MODEL_CONFIG
 from medvlp.data.collate import Collator
 from medvlp.data.loader import Concat, FamilyDataset, make_loader
 from medvlp.data.records import read_manifest
 from medvlp.data.sampler import StreamSampler
 from medvlp.data.synthetic import ensure_corpus
 from medvlp.errors import DataError, MedvlpError
-from medvlp.integrity import RunLock, write_checksum
+from medvlp.integrity import RunLock
 from medvlp.models.config import ModelConfig
 from medvlp.models.model import MedVLP, build_model
-from medvlp.objectives import (
-    hard_negatives,
-    itc_loss,
-    itm_batch,
-    itm_loss,
-    itm_swap,
-    local_alignment_loss,
-    mim_loss,
-    mlm_loss,
-    random_negatives,
-)
-from medvlp.training.checkpoint import Checkpointer, checkpoint_step, resolve_checkpoint, resume_point
+from medvlp.objectives.recipes import matching_accuracy, pretrain_losses
+from medvlp.training.checkpoint import Checkpointer, checkpoint_step, resume_point
 from medvlp.training.config import SIZE_OPTIM, DataConfig, PretrainConfig, TasksConfig, load_pretrain_config  # noqa: F401 (re-exported)
 from medvlp.training.optim import build_optimizer, build_schedule
 from medvlp.training.trainer import build_trainer
 
 log = logging.getLogger(__name__)
-
-
-# -- one step ----------------------------------------------------------------------------------------------------
-def pretrain_losses(model: MedVLP, batch: dict[str, Any], tasks: TasksConfig) -> tuple[torch.Tensor, dict, dict]:
-    """The weighted loss of one batch, its parts and metrics, and the passes' outputs (for pictures)."""
-    passes: dict[str, Any] = {}
-    align, reuse = tasks.align, tasks.reuse_itm
-    if tasks.paired_masking:
-        passes["pair"] = model(batch, mask_image=bool(tasks.mim), mask_text=bool(tasks.mlm), itm=reuse, align=align)
-        passes.update({name: passes["pair"] for name in ("mlm", "mim") if getattr(tasks, name)})
-    else:
-        if tasks.mlm:
-            passes["mlm"] = passes["pair"] = model(batch, mask_text=True, itm=reuse, align=align)
-        if tasks.mim:
-            passes["mim"] = model(batch, mask_image=True)
-        if (align or reuse) and "pair" not in passes:
-            passes["pair"] = model(batch, itm=reuse, align=align)
-    if align and tasks.align_whole_image and passes["pair"].masking is not None:
-        passes["pair"] = whole_image_alignment(model, passes["pair"], batch)
-    parts: dict[str, torch.Tensor] = {}
-    metrics: dict[str, torch.Tensor] = {}
-    if tasks.mlm:
-        parts["mlm"], m = mlm_loss(passes["mlm"], batch)
-        metrics["mlm_acc"] = m["accuracy"]
-    if tasks.mim:
-        parts["mim"], _ = mim_loss(passes["mim"], batch, norm_pix_loss=model.cfg.norm_pix_loss)
-    if tasks.itc:
-        parts["itc"], m = itc_loss(passes["pair"], batch)
-        metrics.update({f"itc_{k}": v for k, v in m.items()})
-    if tasks.local:
-        parts["local"], m = local_alignment_loss(passes["pair"], batch)
-        metrics.update({f"local_{k}": v for k, v in m.items()})
-    if tasks.itm and not (reuse and batch["input_ids"].shape[0] < 2):  # one sample has no negative to reuse
-        if reuse:
-            logits, labels = reused_itm(model, passes["pair"], batch, tasks.hard_negatives)
-            itm_out, itm_targets = dataclasses.replace(passes["pair"], itm_logits=logits), {"itm_labels": labels}
-        else:
-            itm_out, itm_targets = swapped_itm(model, passes, batch)
-        parts["itm"], m = itm_loss(itm_out, itm_targets)
-        metrics["itm_acc"] = m["accuracy"]
-    weights = tasks.weights()
-    total = sum(weights[name] * loss for name, loss in parts.items())
-    return total, {**{f"{k}_loss": v.detach() for k, v in parts.items()}, **metrics}, passes
-
-
-def swapped_itm(model: MedVLP, passes: dict[str, Any], batch: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
-    """M3AE's ITM pass: half of the batch with another sample's image (``objectives.itm_swap``), every pair fused
-    and scored. Returns an output with ``itm_logits`` and the targets (``itm_labels``) for ``itm_loss``.
-
-    The step encodes each distinct input once: when another pass of the step has already encoded the whole
-    images (the MLM pass) and the whole texts (the MIM pass), the ITM pass fuses those states, the images indexed
-    by the swap, instead of encoding them again. The encoders see every sample on its own, so this computes the
-    same logits as the pass on the swapped batch (``itm_batch``) up to float rounding, and backward sums the two
-    uses' gradients into one encoder pass. With dropout on, the ITM pass shares the other pass's encoder dropout
-    masks instead of drawing its own. Without both states (``mlm`` or ``mim`` switched off) it runs its own pass.
-    """
-    whole_image = next((p.image_features for p in passes.values() if p.masking is None), None)
-    whole_text = next((p.text_features for p in passes.values() if p.mlm_positions is None), None)
-    source, labels = itm_swap(batch["input_ids"].shape[0])
-    if whole_image is None or whole_text is None:
-        targets = {**batch, "pixels": batch["pixels"][source.to(batch["pixels"].device)], "itm_labels": labels}
-        out = passes["itm"] = model(targets, itm=True)
-        return out, targets
-    logits = model.match(whole_text, batch["attention_mask"], whole_image[source.to(whole_image.device)])
-    return SimpleNamespace(itm_logits=logits), {"itm_labels": labels}
-
-
-def whole_image_alignment(model: MedVLP, pair: Any, batch: dict[str, Any]) -> Any:
-    """The pair pass with its image-side alignment embeddings (class token and patches) taken from the whole,
-    unmasked image, encoded once more by the vision encoder alone."""
-    tokens = model.align_head.embed_image(model.encode_image(batch["pixels"]).states)
-    return dataclasses.replace(pair, image_embed=tokens[:, 0], patch_embeds=tokens[:, 1:])
-
-
-def reused_itm(model: MedVLP, pair: Any, batch: dict[str, Any], hard: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """ITM on the pair pass's encoder states: its own pairs as positives, and every text again with another
-    sample's image (drawn by similarity with ``hard``, else uniformly) as negatives; B positives, B negatives."""
-    size = pair.text_features.shape[0]
-    if hard:
-        donors = hard_negatives(pair.text_embed @ pair.image_embed.T)
-    else:
-        donors = random_negatives(size, device=pair.text_features.device)
-    negatives = model.match(pair.text_features, batch["attention_mask"], pair.image_features[donors])
-    logits = torch.cat([pair.itm_logits, negatives])
-    matched = torch.ones(size, dtype=torch.long, device=logits.device)
-    return logits, torch.cat([matched, torch.zeros_like(matched)])
-
-
-def matching_accuracy(model: MedVLP, batch: dict[str, Any]) -> torch.Tensor:
-    """ITM accuracy by M3AE's protocol, whatever the training objective: whole images and whole texts, half of
-    the batch with another sample's image drawn at random. Validation reports it as ``itm_acc`` for every
-    config; with paired masking or hard negatives the objective's own accuracy (masked pair pass, negatives
-    drawn by similarity) is ``itm_objective_acc``."""
-    targets = itm_batch(batch)
-    return itm_loss(model(targets, itm=True), targets)[1]["accuracy"]
 
 
 class TrainingDiverged(MedvlpError):
@@ -254,6 +129,7 @@ class PretrainModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["medvlp"] = {"batches_seen": self.batches_seen, "samples": self.samples,
                                 "bad_samples": self.bad_samples, "last_validation": self.last_validation}
+        checkpoint[MODEL_CONFIG] = self.model.cfg  # written as the checkpoint's model.yaml (not into trainer.pt)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("medvlp", {})
@@ -320,7 +196,19 @@ def compile_parts(model: MedVLP) -> None:
 
 
 def pretrain(config: PretrainConfig, *, resume: bool = False, callbacks: Sequence[L.Callback] = ()) -> Path:
-    """Pre-train a model as configured; returns the run folder (config, tokenizer, checkpoints, logs, pictures)."""
+    """Pre-train a model as configured.
+
+    Args:
+        config: the run's config (``training.config.load_pretrain_config``); ``config.model`` gets the trained
+            tokenizer's vocabulary.
+        resume: continue the run in ``config.run_dir`` from its latest checkpoint (exactly as if it had not
+            stopped); without it a folder that already holds a run is refused.
+        callbacks: more Lightning callbacks for the trainer.
+
+    Returns:
+        The run folder: ``config.yaml``, ``tokenizer/``, ``checkpoints/step-*`` (weights, ``model.yaml``, trainer
+        state), ``metrics.json`` (the last validation), ``logs/`` and ``pictures/``.
+    """
     try:
         return _pretrain(config, resume, callbacks)
     finally:
@@ -363,70 +251,6 @@ def _pretrain(config: PretrainConfig, resume: bool, callbacks: Sequence[L.Callba
             metrics = {"step": trainer.global_step, **module.last_validation}
             (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
         return run_dir
-
-
-def load_run(run: Path | str) -> tuple[PretrainConfig, MedVLP, Any]:
-    """A pre-training run folder (or one of its ``checkpoints/step-*``) back as (config, model, tokenizer), the
-    model in eval mode with the checkpoint's weights (safetensors; nothing is unpickled)."""
-    from medvlp.constants import WEIGHTS
-    from medvlp.data.tokenizer import load_tokenizer
-
-    checkpoint = resolve_checkpoint(run)
-    run_dir = checkpoint.parent.parent
-    if not (run_dir / "config.yaml").is_file():
-        raise MedvlpError(f"{run_dir}: no config.yaml beside checkpoints/; give the folder `medvlp pretrain` wrote")
-    config = load_config(PretrainConfig, run_dir / "config.yaml")
-    tokenizer = load_tokenizer(config.data.tokenizer or run_dir / "tokenizer")
-    model = MedVLP.from_pretrained(config.model, checkpoint / WEIGHTS, prefix="model.",  # the Lightning module's
-                                   source=str(run_dir / "config.yaml"))
-    return config, model, tokenizer
-
-
-def export_encoders(run: Path | str, out: Path | str) -> dict[str, Path]:
-    """Save a pre-training run's two encoders and its tokenizer as Hugging Face folders (``save_pretrained``:
-    ``config.json`` and ``model.safetensors``; the tokenizer's files), ``out/vision``, ``out/text`` and
-    ``out/tokenizer``, so that another run starts from them through the same code as from published weights:
-    ``model.vision.pretrained=out/vision model.text.pretrained=out/text data.tokenizer=out/tokenizer``."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise MedvlpError(f"{out} is a file; export into a new folder")
-    paths = {"vision": out / "vision", "text": out / "text", "tokenizer": out / "tokenizer"}
-    taken = [str(p) for p in paths.values() if p.exists()]
-    if taken:
-        raise MedvlpError(f"{taken[0]} already exists; export into another folder")
-    config, model, tokenizer = load_run(run)
-    if config.model.vision.conv_stem:
-        raise MedvlpError(f"{run} has a convolutional stem (model.vision.conv_stem), which a Hugging Face CLIP "
-                          "vision checkpoint cannot hold; fine-tune from the run itself (--init) instead")
-    model.vision.model.save_pretrained(paths["vision"])
-    model.text.model.save_pretrained(paths["text"])
-    for weights in [*paths["vision"].glob("*.safetensors"), *paths["text"].glob("*.safetensors")]:
-        write_checksum(weights)  # checked when a run starts from them (models/encoders.py)
-    tokenizer.save_pretrained(str(paths["tokenizer"]))
-    return paths
-
-
-def zero_shot(run: Path | str, data: Path | str | None = None, split: str = "test",
-              batch_size: int = 64) -> dict[str, float]:
-    """Zero-shot image-text retrieval (Recall@1/5/10, both ways, in percent) of a pre-trained run on a prepared
-    retrieval (or pre-training) dataset; by default the synthetic retrieval set the run's corpus came with."""
-    from medvlp.evaluation.retrieval import zero_shot_retrieval
-
-    config, model, tokenizer = load_run(run)
-    root = Path(data) if data else Path(config.data.synthetic_dir) / "retrieval"
-    family = read_manifest(root)["family"]
-    if family not in ("retrieval", "pretrain"):
-        raise DataError(f"{root} holds {family} data; zero-shot retrieval needs image-caption pairs")
-    dataset = FamilyDataset(root, split, config.model.image_size, train=False)
-    loader = eval_loader(config, tokenizer, dataset, batch_size)
-    return {"pairs": len(dataset), **zero_shot_retrieval(model, loader, dataset.image_ids())}
-
-
-def eval_loader(config: PretrainConfig, tokenizer: Any, dataset: Any, batch_size: int = 64):
-    """Batches of a pre-trained run's evaluation data, in order: whole texts (nothing masked), the run's text
-    length, read in this process."""
-    return make_loader(dataset, Collator(tokenizer, max_length=config.data.max_text_len, mlm_probability=0.0),
-                       batch_size=batch_size, num_workers=0)
 
 
 def _val_split(root: Path) -> str:
