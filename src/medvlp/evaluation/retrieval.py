@@ -116,18 +116,21 @@ def encode_pairs(model, loader, image_ids: Sequence[int], states: bool = True) -
 @torch.no_grad()
 def pair_scores(model, encoded: EncodedPairs, images: Tensor, texts: Tensor, batch_size: int = 256) -> Tensor:
     """ITM scores (``model.match_score``) of the pairs ``(images[n], texts[n])`` [N], fused ``batch_size`` at a
-    time from the stored encoder states (each chunk cut to its longest text)."""
+    time from the stored encoder states. The pairs are fused in order of text length and each chunk is cut to its
+    longest text, so that little of the fusion's work goes to padding; the scores come back in the given order."""
     was_training = model.training
     model.eval()
-    scores = []
-    for start in range(0, len(images), batch_size):
+    lengths = encoded.text_mask.sum(dim=1)
+    order = lengths[texts].argsort()
+    images, texts = images[order], texts[order]
+    scores = torch.empty(len(order), device=order.device)
+    for start in range(0, len(order), batch_size):
         i, t = images[start:start + batch_size], texts[start:start + batch_size]
-        mask = encoded.text_mask[t]
-        length = int(mask.sum(dim=1).max())
-        logits = model.match(encoded.text_states[t, :length], mask[:, :length], encoded.image_states[i])
-        scores.append(model.match_score(logits).float())
+        length = int(lengths[t].max())
+        logits = model.match(encoded.text_states[t, :length], encoded.text_mask[t, :length], encoded.image_states[i])
+        scores[order[start:start + batch_size]] = model.match_score(logits).float().to(scores.device)
     model.train(was_training)
-    return torch.cat(scores) if scores else torch.zeros(0)
+    return scores
 
 
 def exhaustive_scores(model, encoded: EncodedPairs, batch_size: int = 256) -> Tensor:
