@@ -138,9 +138,13 @@ def measure(method: str, size: str, batch_size: int, steps: int, precision: str,
 
     from medvlp.cli import config_path
     from medvlp.models.model import build_model
-    from medvlp.objectives.recipes import pretrain_losses
-    from medvlp.training.config import load_pretrain_config
     from medvlp.training.optim import build_optimizer
+
+    try:
+        from medvlp.objectives.recipes import pretrain_losses
+        from medvlp.training.config import load_pretrain_config
+    except ImportError:  # a checkout from before the recipes moved to objectives (--code)
+        from medvlp.training.pretrain import load_pretrain_config, pretrain_losses
 
     # the shipped config's model, tasks and optimiser, with randomly initialised encoders (no downloads)
     config = load_pretrain_config(config_path(Path(f"{method}-{size}")),
