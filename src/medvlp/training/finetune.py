@@ -44,7 +44,7 @@ from medvlp.models.model import MedVLP, build_model
 from medvlp.training.checkpoint import Checkpointer, checkpoint_step, resume_point
 from medvlp.training.config import FINETUNE_IMAGE_SIZE, FinetuneConfig, load_finetune_config  # noqa: F401 (re-exported)
 from medvlp.training.downstream import TASKS, DownstreamTask, downstream_task
-from medvlp.training.optim import build_optimizer, build_schedule
+from medvlp.training.optim import lightning_optimization
 from medvlp.training.runs import open_run, run_kind
 from medvlp.training.trainer import build_trainer
 
@@ -209,9 +209,7 @@ class FinetuneModule(L.LightningModule):
         return loss
 
     def configure_optimizers(self):
-        optimizer = build_optimizer(self.model, self.config.optim)
-        schedule = build_schedule(optimizer, self.config.trainer.max_steps, self.config.optim.warmup)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+        return lightning_optimization(self.model, self.config.optim, self.config.trainer.max_steps)
 
 
 class ModelSelection(L.Callback):

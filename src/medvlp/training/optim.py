@@ -12,7 +12,7 @@ import torch
 from medvlp.models.model import MedVLP, param_groups
 from medvlp.training.config import OptimConfig
 
-__all__ = ["OptimConfig", "build_optimizer", "build_schedule", "warmup_linear"]
+__all__ = ["OptimConfig", "build_optimizer", "build_schedule", "lightning_optimization", "warmup_linear"]
 
 
 FUSED_DEVICES = ("cpu", "cuda")
@@ -41,3 +41,11 @@ def warmup_linear(total_steps: int, warmup: float) -> Callable[[int], float]:
 
 def build_schedule(optimizer: torch.optim.Optimizer, total_steps: int, warmup: float):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_linear(total_steps, warmup))
+
+
+def lightning_optimization(model: MedVLP, config: OptimConfig, total_steps: int) -> dict:
+    """What a LightningModule's ``configure_optimizers`` returns: ``build_optimizer``'s AdamW and
+    ``build_schedule``'s warm-up and decay over ``total_steps``, stepped every optimiser step."""
+    optimizer = build_optimizer(model, config)
+    schedule = build_schedule(optimizer, total_steps, config.warmup)
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}

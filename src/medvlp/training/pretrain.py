@@ -36,7 +36,7 @@ from medvlp.models.model import MedVLP, build_model
 from medvlp.objectives.recipes import matching_accuracy, pretrain_losses
 from medvlp.training.checkpoint import Checkpointer, checkpoint_step, resume_point
 from medvlp.training.config import SIZE_OPTIM, DataConfig, PretrainConfig, TasksConfig, load_pretrain_config  # noqa: F401 (re-exported)
-from medvlp.training.optim import build_optimizer, build_schedule
+from medvlp.training.optim import lightning_optimization
 from medvlp.training.trainer import build_trainer
 
 log = logging.getLogger(__name__)
@@ -138,9 +138,7 @@ class PretrainModule(L.LightningModule):
         self.last_validation = dict(state.get("last_validation", {}))
 
     def configure_optimizers(self):
-        optimizer = build_optimizer(self.model, self.config.optim)
-        schedule = build_schedule(optimizer, self.config.trainer.max_steps, self.config.optim.warmup)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+        return lightning_optimization(self.model, self.config.optim, self.config.trainer.max_steps)
 
 
 # -- the run -----------------------------------------------------------------------------------------------------
