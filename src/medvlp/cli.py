@@ -79,20 +79,11 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 def cmd_demo(args: argparse.Namespace) -> None:
     """Synthesise -> pre-train -> fine-tune every task, pre-trained and from scratch -> report; rerunnable."""
-    import json
-
     from medvlp.jobs.demo import plan_demo, run_demo
 
     name = args.config or Path("mpma-tiny")
     demo = plan_demo(args.out, config_path(name), args.overrides, label=str(name))
     run_dir, report = run_demo(demo, fresh=args.fresh, say=lambda line: print(line, flush=True))
-    metrics = json.loads((run_dir / "metrics.json").read_text())
-    print("held-out (synthetic val): " + ", ".join(f"{k.removeprefix('val/')} {v:.3f}" for k, v in metrics.items()
-                                                    if k.endswith(("_acc", "_loss")) and "/" in k))
-    if demo.pretrain.tasks.itc:
-        from medvlp.jobs.zero_shot import zero_shot
-
-        print_retrieval(zero_shot(run_dir), "zero-shot retrieval on the synthetic test pairs")
     print(report.read_text())
     print(f"pre-training run: {run_dir}\nreport: {report} (and report.json, curves.png beside it)")
 
@@ -256,11 +247,9 @@ def cmd_zeroshot(args: argparse.Namespace) -> None:
 
 
 def print_retrieval(metrics: dict[str, float], title: str) -> None:
-    pairs = metrics["pairs"]
-    print(f"{title} ({pairs:,} pairs; chance R@1 {100 / pairs:.2f}%):")
-    for prefix, direction in (("i2t_r", "image-to-text"), ("t2i_r", "text-to-image")):
-        ranks = ", ".join(f"R@{k.removeprefix(prefix)} {v:.1f}%" for k, v in metrics.items() if k.startswith(prefix))
-        print(f"  {direction}: {ranks}")
+    from medvlp.jobs.zero_shot import describe
+
+    print("\n".join(describe(metrics, title)))
 
 
 def need_file(path: Path, what: str) -> None:

@@ -57,6 +57,9 @@ def test_the_demo_resumes_then_reuses_everything(tmp_path, monkeypatch, capsys):
     assert f"pre-training: resuming the interrupted run in {out / 'pretrain'}" in printed
     assert json.loads((out / "pretrain" / "metrics.json").read_text())["step"] == 4
     assert printed.count("benchmark: fine-tuning") == 12 and "report:" in printed  # two seeds
+    # what pre-training reached is said before the fine-tuning starts, not after it
+    assert printed.index("held-out (synthetic val, step 4): mlm_loss") < printed.index("[2/2] fine-tuning")
+    assert printed.index("zero-shot retrieval on the synthetic test pairs (8 pairs") < printed.index("[2/2]")
     report = (out / "benchmark" / "report.md").read_text()
 
     started = time.perf_counter()

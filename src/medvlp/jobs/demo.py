@@ -132,6 +132,22 @@ def run_demo(demo: DemoPlan, *, fresh: bool = False, say: Callable[[str], None] 
     else:
         say("[1/2] pre-training" + (f": resuming the interrupted run in {run_dir}" if state == "interrupted" else ""))
         pretrain(config, resume=state == "interrupted")
+    for line in pretraining_summary(run_dir, config):
+        say(line)
     say("[2/2] fine-tuning vqa, classification and retrieval, pre-trained and from scratch")
     report = benchmark(str(run_dir), demo.out / "benchmark", seeds=DEMO_SEEDS, overrides=demo.finetune, say=say)
     return run_dir, report
+
+
+def pretraining_summary(run_dir: Path, config: PretrainConfig) -> list[str]:
+    """What pre-training reached, said before the fine-tuning starts: its last held-out figures and, for a
+    config that aligns the two modalities, zero-shot retrieval on the synthetic test pairs."""
+    from medvlp.jobs.zero_shot import describe, zero_shot
+
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    held_out = ", ".join(f"{k.removeprefix('val/')} {v:.3f}" for k, v in metrics.items()
+                         if k.startswith("val/") and k.endswith(("_acc", "_loss")))
+    lines = [f"held-out (synthetic val, step {metrics.get('step')}): {held_out}"]
+    if config.tasks.itc:
+        lines += describe(zero_shot(run_dir), "zero-shot retrieval on the synthetic test pairs")
+    return lines

@@ -35,3 +35,14 @@ def zero_shot(run: Path | str, data: Path | str | None = None, split: str = "tes
     dataset = FamilyDataset(root, split, opened.model.cfg.image_size, train=False)
     loader = eval_loader(dataset, opened.tokenizer, config.data.max_text_len, batch_size)
     return {"pairs": len(dataset), **zero_shot_retrieval(opened.model, loader, dataset.image_ids())}
+
+
+def describe(metrics: dict[str, float], title: str) -> list[str]:
+    """The lines that report ``zero_shot``'s ``metrics`` under ``title``: the pair count and chance, then the
+    recalls of each direction."""
+    pairs = metrics["pairs"]
+    lines = [f"{title} ({pairs:,} pairs; chance R@1 {100 / pairs:.2f}%):"]
+    for prefix, direction in (("i2t_r", "image-to-text"), ("t2i_r", "text-to-image")):
+        ranks = ", ".join(f"R@{k.removeprefix(prefix)} {v:.1f}%" for k, v in metrics.items() if k.startswith(prefix))
+        lines.append(f"  {direction}: {ranks}")
+    return lines
