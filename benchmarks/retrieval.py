@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 
 from medvlp.data.loader import FamilyDataset, eval_loader
+from medvlp.data.splits import Rows
 from medvlp.evaluation.retrieval import encode_pairs, retrieval_metrics
-from medvlp.training.finetune import Rows
 from medvlp.training.runs import open_run
 
 

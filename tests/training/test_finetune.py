@@ -12,13 +12,13 @@ from helpers import benchmark_script
 
 from medvlp import predict
 from medvlp.cli import main
+from medvlp.data.splits import holdout_images
 from medvlp.errors import ConfigError, DataError, MedvlpError
 from medvlp.training.checkpoint import load_weights
 from medvlp.training.finetune import (
     FinetuneConfig,
     evaluate_run,
     finetune,
-    holdout_images,
     load_finetune_config,
 )
 from medvlp.training.pretrain import load_pretrain_config, pretrain
@@ -114,7 +114,7 @@ def test_holdout_keeps_every_question_of_an_image_together():
 
 def test_a_subset_of_rows_names_the_images_of_its_own_rows(pretrained):
     from medvlp.data.loader import FamilyDataset
-    from medvlp.training.finetune import Rows
+    from medvlp.data.splits import Rows
 
     dataset = FamilyDataset(pretrained.parent / "data" / "vqa", "train", 64, train=False)
     rows = Rows(dataset, [7, 0, 12])

@@ -21,7 +21,6 @@ import dataclasses
 import gc
 import json
 import logging
-import random
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,7 +28,6 @@ from typing import Any
 
 import lightning as L
 import torch
-from torch.utils.data import Dataset
 
 from medvlp.config import save_config
 from medvlp.constants import MODEL_CONFIG, WEIGHTS
@@ -37,6 +35,7 @@ from medvlp.data.collate import Collator
 from medvlp.data.loader import FamilyDataset, eval_loader, make_loader
 from medvlp.data.records import Records, read_manifest
 from medvlp.data.sampler import StreamSampler
+from medvlp.data.splits import Rows, holdout_images
 from medvlp.data.synthetic import ensure_corpus
 from medvlp.errors import ConfigError, DataError, MedvlpError
 from medvlp.integrity import RunLock
@@ -53,33 +52,6 @@ log = logging.getLogger(__name__)
 
 
 
-# -- the data ----------------------------------------------------------------------------------------------------
-class Rows(Dataset):
-    """Some rows of a dataset, addressed ``0 .. len - 1`` (by row or ``(key, row)`` like ``FamilyDataset``)."""
-
-    def __init__(self, dataset: FamilyDataset, rows: Sequence[int]):
-        self.dataset, self.rows = dataset, list(rows)
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def image_ids(self) -> list[int]:
-        ids = self.dataset.image_ids()
-        return [ids[row] for row in self.rows]
-
-    def __getitem__(self, item: int | tuple[int, int]) -> dict[str, Any] | None:
-        key, row = item if isinstance(item, tuple) else (item, item)
-        return self.dataset[(key, self.rows[row])]
-
-
-def holdout_images(image_of_row: Sequence[int], fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    """Split rows into (train, held-out) by image: ``fraction`` of the images, drawn with ``seed``, go out with
-    every row that shows them."""
-    images = sorted(set(image_of_row))
-    random.Random(seed).shuffle(images)
-    held = set(images[:max(1, round(fraction * len(images)))])
-    train = [row for row, image in enumerate(image_of_row) if image not in held]
-    return train, [row for row, image in enumerate(image_of_row) if image in held]
 
 
 def task_data(config: FinetuneConfig, task: DownstreamTask) -> Path:
