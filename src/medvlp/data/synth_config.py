@@ -9,7 +9,7 @@ from medvlp.errors import ConfigError
 
 FAMILIES = ("pretrain", "vqa", "classification", "retrieval")
 SPLITS = ("train", "val", "test")
-QUESTION_KINDS = 16  # open and closed question kinds the generator asks about (synthetic.py checks the count)
+QUESTION_KINDS = 16  # open and closed question kinds the generator asks about (synthetic/language.py checks the count)
 
 
 @dataclass
