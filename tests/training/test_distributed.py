@@ -180,7 +180,7 @@ def test_a_two_process_run_killed_with_sigkill_resumes_to_the_uninterrupted_weig
     os.kill(killed.pid, signal.SIGKILL)  # what `kill -9 PID` of the medvlp command (rank 0) does
     try:
         assert killed.wait(60) == -signal.SIGKILL
-        assert len(group) == 2  # rank 0 and the rank 1 it started
+        assert len(group) >= 2, group  # rank 0 and the rank 1 it started (and any short-lived helper process)
         for _ in range(600):  # rank 1, orphaned, stops itself on gloo's lost connection: it must not linger
             if not group_pids(killed.pid):
                 break
@@ -189,9 +189,9 @@ def test_a_two_process_run_killed_with_sigkill_resumes_to_the_uninterrupted_weig
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(killed.pid, signal.SIGKILL)  # whatever is left of the run, should the test fail
-        killed.communicate()
+        output = killed.communicate()[0].decode()
     stopped_at = int((run / "checkpoints" / LATEST).read_text().strip().removeprefix("step-"))
-    assert stopped_at < 4 and not (run / "metrics.json").exists()  # killed mid-run
+    assert stopped_at < 4 and not (run / "metrics.json").exists(), output[-3000:]  # killed mid-run
     assert (run / ".lock").read_text().strip() == str(killed.pid)  # the lock file names the dead rank 0
 
     log = finished(launch(root, ["--resume", *arguments]))
