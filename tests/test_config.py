@@ -54,3 +54,27 @@ def test_bad_files(tmp_path):
     (tmp_path / "bad.yaml").write_text("inner:\n  layers: [1,\n")
     with pytest.raises(ConfigError, match=r"bad.yaml line \d+: not valid YAML"):
         load_config(Outer, tmp_path / "bad.yaml")
+
+
+def test_save_config_is_atomic(tmp_path, monkeypatch):
+    """A write that dies before its final rename leaves the previous config.yaml as it was, and no stray file."""
+    from medvlp import config as module
+
+    @dataclass
+    class Small:
+        name: str = "first"
+
+    path = tmp_path / "config.yaml"
+    save_config(Small(), path)
+    before = path.read_text()
+
+    def killed(source, target):
+        raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(module.os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        save_config(Small(name="second"), path)
+    monkeypatch.undo()
+    assert path.read_text() == before and [p.name for p in tmp_path.iterdir()] == ["config.yaml"]
+    save_config(Small(name="second"), path)
+    assert load_config(Small, path).name == "second"

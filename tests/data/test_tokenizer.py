@@ -108,3 +108,30 @@ def test_load_errors_are_one_line(tmp_path: Path) -> None:
 def test_too_small_vocabulary_is_refused(tmp_path: Path) -> None:
     with pytest.raises(MedvlpError, match="vocab_size"):
         train_tokenizer(["a b c"], tmp_path, vocab_size=100)
+
+
+def test_a_save_killed_midway_leaves_no_tokenizer_json(tmp_path: Path, trained, monkeypatch) -> None:
+    """A resumed run takes ``tokenizer.json`` as the sign that its tokenizer exists, so that file must appear
+    last and whole: a save that dies before its last move leaves none, and the next save completes the folder."""
+    from medvlp.data import tokenizer as module
+
+    tokenizer, _ = trained
+    out = tmp_path / "run" / "tokenizer"
+    real_replace, moves = module.os.replace, []
+
+    def dying_replace(source, target):
+        moves.append(Path(target).name)
+        if Path(target).name == "tokenizer.json":
+            raise KeyboardInterrupt("killed")  # the process stops before the last move
+        return real_replace(source, target)
+
+    monkeypatch.setattr(module.os, "replace", dying_replace)
+    with pytest.raises(KeyboardInterrupt):
+        module.save_tokenizer(tokenizer, out)
+    monkeypatch.undo()
+    assert len(moves) >= 2 and moves[-1] == "tokenizer.json"  # every other file was moved in first
+    assert not (out / "tokenizer.json").exists()
+    assert not list(out.parent.glob(".*partial"))  # the staging folder is cleaned up
+
+    module.save_tokenizer(tokenizer, out)
+    assert load_tokenizer(out)("a small nodule")["input_ids"] == tokenizer("a small nodule")["input_ids"]

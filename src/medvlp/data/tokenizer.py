@@ -18,6 +18,8 @@ Design of the trained tokenizer (RoBERTa's layout, so a RoBERTa text encoder can
 
 from __future__ import annotations
 
+import os
+import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -131,10 +133,26 @@ def train_tokenizer(
         mask_token="<mask>",
         model_max_length=MODEL_MAX_LENGTH,
     )
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tokenizer.save_pretrained(out)
+    save_tokenizer(tokenizer, out_dir)
     return tokenizer
+
+
+def save_tokenizer(tokenizer: PreTrainedTokenizerFast, out_dir: str | Path) -> None:
+    """``save_pretrained`` into ``out_dir`` so that ``tokenizer.json``, the file whose presence tells a resumed
+    run that its tokenizer exists, appears last and whole: the files are written beside the folder first, then
+    moved in one by one (each move atomic), ``tokenizer.json`` at the end. A process killed on the way leaves
+    no ``tokenizer.json``, so the tokenizer is trained again rather than read half-written."""
+    out = Path(out_dir)
+    staging = out.with_name(f".{out.name}.{os.getpid()}.partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        tokenizer.save_pretrained(str(staging))
+        out.mkdir(parents=True, exist_ok=True)
+        files = sorted(staging.iterdir(), key=lambda f: f.name == "tokenizer.json")
+        for file in files:
+            os.replace(file, out / file.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _looks_like_path(name: str) -> bool:

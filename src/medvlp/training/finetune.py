@@ -37,6 +37,7 @@ from medvlp.data.records import Records, read_manifest
 from medvlp.data.sampler import StreamSampler
 from medvlp.data.splits import Rows, holdout_images
 from medvlp.data.synthetic import ensure_corpus
+from medvlp.data.tokenizer import save_tokenizer
 from medvlp.errors import ConfigError, DataError, MedvlpError
 from medvlp.integrity import RunLock
 from medvlp.models.model import MedVLP, build_model
@@ -324,7 +325,7 @@ def _finetune(config: FinetuneConfig, callbacks: Sequence[L.Callback], resume: b
     config.model, config.image_size = model.cfg, model.cfg.image_size
     save_config(config, run_dir / "config.yaml")
     if not (run_dir / "tokenizer" / "tokenizer.json").is_file():
-        tokenizer.save_pretrained(str(run_dir / "tokenizer"))
+        save_tokenizer(tokenizer, run_dir / "tokenizer")
 
     val_loader = eval_loader(val, tokenizer, config.max_text_len, 2 * config.batch_size, config.num_workers)
     selection = ModelSelection(lambda m: task.evaluate(m, val_loader, val, config.retrieval), task.selection,
