@@ -16,12 +16,11 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-import yaml
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from medvlp.config import load_config, to_dict
+from medvlp.config import load_config, save_config
 from medvlp.constants import MODEL_CONFIG, WEIGHTS
 from medvlp.errors import MedvlpError
 from medvlp.integrity import checksum_path, cleaned_on_failure, verify_checksum, write_checksum
@@ -93,10 +92,8 @@ def load_into(model: nn.Module, weights: Mapping[str, torch.Tensor], source: str
 def save_model_config(cfg: ModelConfig, folder: Path) -> Path:
     """Write ``cfg`` as ``folder/model.yaml`` (atomically: a reader never sees half a file); returns its path."""
     path = Path(folder) / MODEL_CONFIG
-    tmp = path.with_name(f".{path.name}.tmp")
-    with cleaned_on_failure(tmp, what=str(path)):
-        tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
-        os.replace(tmp, path)
+    with cleaned_on_failure(what=str(path)):  # save_config removes its own staging file
+        save_config(cfg, path)
     return path
 
 
