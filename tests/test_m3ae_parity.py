@@ -145,8 +145,10 @@ def pretrain_outputs(model, x: dict) -> dict[str, torch.Tensor]:
     base = {"pixels": x["pixels"], "input_ids": x["input_ids"], "attention_mask": mask}
     result = {}
     with captured(model) as got:  # plain pass on the true pairs
-        out = model(base, itm=True)
+        out = model(base, itm=True, whole_fusion=True)  # every token of the last fusion layer, to compare them
         result.update(prefixed("pos", {**fused_outputs(got, out, mask), "itm_logits": out.itm_logits}))
+    # the step's own pass computes the last layer's first tokens alone: the same logits
+    torch.testing.assert_close(model(base, itm=True).itm_logits, out.itm_logits, rtol=1e-5, atol=1e-6)
     with captured(model) as got:  # MLM pass: masked text, whole image; logits at every position
         batch = {**base, "mlm_input_ids": x["mlm_input_ids"], "mlm_labels": x["mlm_labels"]}
         out = model(batch, mask_text=True, whole_fusion=True)  # every fusion state, to compare them all
@@ -182,10 +184,11 @@ def vqa_outputs(model, x: dict) -> dict[str, torch.Tensor]:
     batch = {"pixels": x["vqa_pixels"], "input_ids": x["input_ids"], "attention_mask": x["attention_mask"],
              "answer_scores": x["vqa_targets"]}
     with captured(model) as got:
-        out = model(batch, classify=True)
+        out = model(batch, classify=True, whole_fusion=True)
         loss, _ = vqa_loss(out, batch)
         values = {**fused_outputs(got, out, x["attention_mask"]), "logits": out.class_logits,
                   "targets": x["vqa_targets"], "loss": loss}
+    torch.testing.assert_close(model(batch, classify=True).class_logits, out.class_logits, rtol=1e-5, atol=1e-6)
     return prefixed("vqa", values)
 
 

@@ -236,7 +236,7 @@ def explain(predictor: Any, image: Any, text: str, *, method: str = "rollout", t
     batch = predictor.batch([decoded], [text])
     gradient = method == "gradient"
     with torch.inference_mode(False), torch.set_grad_enabled(gradient), recording(predictor.model) as maps:
-        logits = predictor.model(batch, classify=True).class_logits[0].float()
+        logits = predictor.model(batch, classify=True, whole_fusion=True).class_logits[0].float()
         probs = logits.sigmoid() if predictor.task == "vqa" else logits.softmax(dim=0)
         classes = predictor.classes
         chosen = int(probs.argmax()) if target is None else _index(classes, target)

@@ -99,3 +99,54 @@ def test_memory_adds_exactly_the_expected_parameters():
     for per_layer, memories in ((False, 1), (True, n)):
         extra = count(CoAttentionFusion(CFG, 24, 40, memory_slots=s, memory_per_layer=per_layer)) - base
         assert extra == memories * s * w + 8 * n * (w * w + w) == 256 * memories + 25_344
+
+
+def test_first_only_last_layer_gives_the_whole_layers_first_rows_and_pooled_outputs():
+    for memory in ({}, {"memory_slots": 6}):
+        fusion = _fusion(**memory)
+        text, mask, image = _inputs()
+        whole = fusion(text, mask, image)
+        for first_only in ((True, True), (True, False), (False, True)):
+            short = fusion(text, mask, image, first_only=first_only)
+            for states, full, first in ((short.text_states, whole.text_states, first_only[0]),
+                                        (short.image_states, whole.image_states, first_only[1])):
+                for i, (got, want) in enumerate(zip(states, full, strict=True)):
+                    if first and i == len(full) - 1:
+                        assert got.shape[1] == 1
+                        want = want[:, :1]
+                    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+            torch.testing.assert_close(short.joint, whole.joint, atol=1e-6, rtol=1e-5)
+
+
+def test_first_only_applies_to_the_last_layer_only_when_the_fusion_runs_to_it():
+    fusion = _fusion()
+    text, mask, image = _inputs()
+    short = fusion(text, mask, image, upto=(3, 1), first_only=(True, True))  # the image stream stops at state 2
+    whole = fusion(text, mask, image, upto=(3, 1))
+    assert short.text_states[-1].shape[1] == 1 and short.joint is None
+    for got, want in zip(short.image_states, whole.image_states, strict=True):
+        torch.testing.assert_close(got, want)
+
+
+def test_attention_dropout_is_unbiased_and_drops_whole_attention_weights():
+    """Training on the CPU with attention dropout takes the direct path with ``models.dropout``'s mask: with
+    every weight kept it is SDPA's attention scaled by 1 / (1 - p); averaged over many masks it is SDPA's."""
+    from unittest import mock
+
+    from medvlp.models import fusion as fusion_module
+    from medvlp.models.fusion import MultiHeadAttention
+
+    torch.manual_seed(0)
+    attention = MultiHeadAttention(16, 4, dropout=0.25)
+    nn_out = attention.out
+    attention.out = torch.nn.Identity()  # compare the attention itself
+    query, context = torch.randn(2, 3, 16), torch.randn(2, 5, 16)
+    key_mask = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]]).bool()[:, None, None, :]
+    reference = attention.eval()(query, context, key_mask)
+    attention.train()
+    with mock.patch.object(fusion_module, "dropout", lambda x, p: x / (1 - p)):  # every weight kept
+        torch.testing.assert_close(attention(query, context, key_mask), reference / 0.75)
+    samples = torch.stack([attention(query, context, key_mask) for _ in range(4000)])
+    assert not torch.allclose(samples[0], samples[1])
+    torch.testing.assert_close(samples.mean(dim=0), reference, atol=0.03, rtol=0.0)
+    attention.out = nn_out

@@ -35,6 +35,7 @@ from transformers.utils import logging as hf_logging
 from medvlp.errors import ConfigError
 from medvlp.integrity import verify_checksum
 from medvlp.models.config import TextConfig, VisionConfig
+from medvlp.models.dropout import use_fast_dropout
 
 VISION_MODEL_TYPES = ("clip", "clip_vision_model")
 """Checkpoints the vision encoder accepts: a full CLIP model (its vision tower is used) or a CLIP vision tower."""
@@ -323,12 +324,14 @@ class TextEncoder(nn.Module):
     """A BERT/RoBERTa-style encoder without its pooler; returns the last hidden states [B, L, D].
 
     Ids at padded positions are replaced by the pad id before the model sees them, so that what the data
-    layer leaves there cannot matter (RoBERTa derives its position ids from the pad id).
+    layer leaves there cannot matter (RoBERTa derives its position ids from the pad id). The model's dropout
+    layers are swapped for ``models.dropout.Dropout`` (same rates, a cheaper mask on the CPU).
     """
 
     def __init__(self, model: PreTrainedModel) -> None:
         super().__init__()
         self.model = model
+        use_fast_dropout(model)
         self.hidden_size: int = model.config.hidden_size
         self.vocab_size: int = model.config.vocab_size
         self.pad_token_id: int | None = model.config.pad_token_id

@@ -2,8 +2,14 @@
 
 Two streams, text and image. In every layer each stream does self-attention, cross-attention to the *other*
 stream's input to that layer, and a feed-forward block. All attention goes through
-``torch.nn.functional.scaled_dot_product_attention``; padded text tokens are masked out as keys everywhere, so
-they change nothing at real positions.
+``torch.nn.functional.scaled_dot_product_attention``, except when training with attention dropout on the CPU,
+where PyTorch's fused kernel does not apply dropout and its fallback draws the mask slowly: there the attention
+is computed directly with ``models.dropout``'s mask (the same distribution). Padded text tokens are masked out
+as keys everywhere, so they change nothing at real positions.
+
+When a caller reads only the pooled outputs (first tokens) of the last layer, that layer computes its first
+token alone: keys and values still come from every token, so the result is the same as the whole layer's first
+row, at a fraction of the cost (``CoAttentionFusion.forward``'s ``first_only``).
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from medvlp.models.config import FusionConfig
+from medvlp.models.dropout import Dropout, dropout
 from medvlp.models.heads import Pooler, bert_init_
 
 LAYER_NORM_EPS = 1e-12  # BERT's value, as in M3AE's BERT-style fusion layers
@@ -61,8 +68,14 @@ class MultiHeadAttention(nn.Module):
         q, k, v = self._split(self.query(query)), self._split(self.key(context)), self._split(self.value(context))
         if k.shape[0] != q.shape[0]:  # a context shared by the whole batch (the memory)
             k, v = k.expand(q.shape[0], -1, -1, -1), v.expand(q.shape[0], -1, -1, -1)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask,
-                                             dropout_p=self.dropout if self.training else 0.0)
+        p = self.dropout if self.training else 0.0
+        if p > 0.0 and q.device.type == "cpu":
+            scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
+            if key_mask is not None:
+                scores = scores.masked_fill(~key_mask, float("-inf"))
+            out = dropout(scores.softmax(dim=-1), p) @ v
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, dropout_p=p)
         return self.out(out.transpose(1, 2).flatten(2))
 
 
@@ -84,12 +97,15 @@ class CoAttentionLayer(nn.Module):
         self.ffn = nn.Sequential(nn.Linear(width, cfg.intermediate_size), nn.GELU(),
                                  nn.Linear(cfg.intermediate_size, width))
         self.ffn_norm = nn.LayerNorm(width, eps=LAYER_NORM_EPS)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
 
-    def forward(self, x: Tensor, x_mask: Tensor | None, other: Tensor, other_mask: Tensor | None) -> Tensor:
-        x = self.self_norm(x + self.drop(self.self_attn(x, x, x_mask)))
-        x = self.cross_norm(x + self.drop(self.cross_attn(x, other, other_mask)))
-        return self.ffn_norm(x + self.drop(self.ffn(x)))
+    def forward(self, x: Tensor, x_mask: Tensor | None, other: Tensor, other_mask: Tensor | None,
+                first_only: bool = False) -> Tensor:
+        """``first_only``: the output of the first token alone, [B, 1, W] (it still attends to every token)."""
+        query = x[:, :1] if first_only else x
+        h = self.self_norm(query + self.drop(self.self_attn(query, x, x_mask)))
+        h = self.cross_norm(h + self.drop(self.cross_attn(h, other, other_mask)))
+        return self.ffn_norm(h + self.drop(self.ffn(h)))
 
 
 class MemoryBlock(nn.Module):
@@ -162,24 +178,29 @@ class CoAttentionFusion(nn.Module):
                 block.zero_output_()
 
     def forward(self, text: Tensor, attention_mask: Tensor, image: Tensor,
-                upto: tuple[int, int] | None = None) -> FusionOutput:
+                upto: tuple[int, int] | None = None, first_only: tuple[bool, bool] = (False, False)) -> FusionOutput:
         """``text`` [B, L, Dt] with ``attention_mask`` [B, L] (1 = real); ``image`` [B, 1 + K, Dv].
 
         ``upto`` = (text index, image index) computes only the states a caller reads, up to these indices into
         ``text_states`` / ``image_states``, and what they depend on (stream layer ``i`` reads the other stream's
         state ``i - 1``); those states are the ones the whole fusion computes, the later ones are left out, and
         the pooled outputs and ``joint`` are None unless both streams ran to the end. None runs everything.
+
+        ``first_only`` = (text, image): that stream's last layer computes its first token alone, for a caller
+        that reads only the pooled outputs; its last state is then [B, 1, W].
         """
         layers = len(self.text_layers)
         text_upto, image_upto = upto if upto is not None else (layers, layers)
         text_upto, image_upto = max(text_upto, image_upto - 1), max(image_upto, text_upto - 1)
+        text_first, image_first = (first_only[0] and text_upto == layers), (first_only[1] and image_upto == layers)
         text_mask = key_padding_mask(attention_mask)
         t = self.text_proj(text) + self.modality.weight[0]
         v = self.image_proj(image) + self.modality.weight[1]
         text_states, image_states = [t], [v]
         for i in range(max(text_upto, image_upto)):
-            new_t = self.text_layers[i](t, text_mask, v, None) if i < text_upto else None
-            new_v = self.image_layers[i](v, None, t, text_mask) if i < image_upto else None
+            last = i == layers - 1
+            new_t = self.text_layers[i](t, text_mask, v, None, last and text_first) if i < text_upto else None
+            new_v = self.image_layers[i](v, None, t, text_mask, last and image_first) if i < image_upto else None
             if self.memory is not None:
                 memory = self.memory[i if self.memory.shape[0] > 1 else 0]
                 new_t = None if new_t is None else self.text_memory[i](new_t, memory)

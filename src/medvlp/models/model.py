@@ -198,7 +198,9 @@ class MedVLP(nn.Module):
         out.image_features[donors])`` pairs every text with the image of ``donors`` (see
         ``objectives.hard_negatives``).
         """
-        return self.itm_head(self.fuse(text_features, attention_mask, image_features).joint)
+        fused = self.fusion(text_features, attention_mask.to(text_features.device), image_features,
+                            first_only=(True, True))
+        return self.itm_head(fused.joint)
 
     # -- embeddings for zero-shot retrieval -----------------------------------------------------------------------
 
@@ -284,7 +286,8 @@ class MedVLP(nn.Module):
         A pass for MLM and/or MIM alone computes only the fusion layers their heads read (MIM reads an inner
         layer's image states, MLM the text states; the later layers would change no output); ``fusion.joint``
         is None then, unless ``whole_fusion`` asks for every layer (to inspect them). Any other pass runs the
-        whole fusion.
+        whole fusion, its last layer for the pooled first tokens only where no head reads that stream's last
+        states (``whole_fusion``: every token of every layer).
 
         M3AE runs three passes per step (``mask_text``; ``mask_image``; ``itm`` on a swapped batch); MPMA's
         paired masking is one pass with ``mask_image`` and ``mask_text`` together. ``image_noise`` [B, N] chooses
@@ -297,7 +300,10 @@ class MedVLP(nn.Module):
         upto = None  # the fusion states the heads read: up to MLM's and MIM's when only they are asked for
         if (mask_text or mask_image) and not (itm or classify or whole_fusion):
             upto = (self.cfg.mlm_layer_index if mask_text else 0, self.cfg.mim_layer if mask_image else 0)
-        fused = self.fusion(text, batch["attention_mask"].to(text.device), image.states, upto)
+        last = self.cfg.fusion.num_layers  # a stream whose last states no head reads needs only its pooled token
+        first_only = (not whole_fusion and not (mask_text and self.cfg.mlm_layer_index == last),
+                      not whole_fusion and not (mask_image and self.cfg.mim_layer == last))
+        fused = self.fusion(text, batch["attention_mask"].to(text.device), image.states, upto, first_only)
         out = MedVLPOutput(text_features=text, image_features=image.states, fusion=fused, masking=image.masking)
         if mask_text:
             out.mlm_positions = batch["mlm_labels"].to(text.device) != IGNORE_INDEX
