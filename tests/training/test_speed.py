@@ -139,7 +139,8 @@ def test_the_step_with_a_shorter_fusion_has_the_losses_and_gradients_of_the_whol
     total, logs, _ = pretrain_losses(model, batch, tasks)
     grads = gradients(model, total)
     forward = type(model.fusion).forward
-    monkeypatch.setattr(type(model.fusion), "forward", lambda self, *args, upto=None: forward(self, *args[:3]))
+    monkeypatch.setattr(type(model.fusion), "forward",
+                        lambda self, *args, upto=None, first_only=None: forward(self, *args[:3]))
     torch.manual_seed(7)
     whole_total, whole_logs, _ = pretrain_losses(model, batch, tasks)
     whole_grads = gradients(model, whole_total)
