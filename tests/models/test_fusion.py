@@ -138,7 +138,6 @@ def test_attention_dropout_is_unbiased_and_drops_whole_attention_weights():
 
     torch.manual_seed(0)
     attention = MultiHeadAttention(16, 4, dropout=0.25)
-    nn_out = attention.out
     attention.out = torch.nn.Identity()  # compare the attention itself
     query, context = torch.randn(2, 3, 16), torch.randn(2, 5, 16)
     key_mask = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]]).bool()[:, None, None, :]
@@ -149,4 +148,3 @@ def test_attention_dropout_is_unbiased_and_drops_whole_attention_weights():
     samples = torch.stack([attention(query, context, key_mask) for _ in range(4000)])
     assert not torch.allclose(samples[0], samples[1])
     torch.testing.assert_close(samples.mean(dim=0), reference, atol=0.03, rtol=0.0)
-    attention.out = nn_out

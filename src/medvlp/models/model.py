@@ -184,8 +184,9 @@ class MedVLP(nn.Module):
         device = self.pixel_mean.device
         return self.text(input_ids.to(device), attention_mask.to(device))
 
-    def fuse(self, text_states: Tensor, attention_mask: Tensor, image_states: Tensor) -> FusionOutput:
-        return self.fusion(text_states, attention_mask.to(text_states.device), image_states)
+    def fuse(self, text_states: Tensor, attention_mask: Tensor, image_states: Tensor,
+             first_only: tuple[bool, bool] = (False, False)) -> FusionOutput:
+        return self.fusion(text_states, attention_mask.to(text_states.device), image_states, first_only=first_only)
 
     def match_score(self, itm_logits: Tensor) -> Tensor:
         """The scalar pairs are ranked by, from ITM logits [..., 2] (see ``ModelConfig.itm_score``)."""
@@ -198,9 +199,7 @@ class MedVLP(nn.Module):
         out.image_features[donors])`` pairs every text with the image of ``donors`` (see
         ``objectives.hard_negatives``).
         """
-        fused = self.fusion(text_features, attention_mask.to(text_features.device), image_features,
-                            first_only=(True, True))
-        return self.itm_head(fused.joint)
+        return self.itm_head(self.fuse(text_features, attention_mask, image_features, first_only=(True, True)).joint)
 
     # -- embeddings for zero-shot retrieval -----------------------------------------------------------------------
 
@@ -301,8 +300,8 @@ class MedVLP(nn.Module):
         if (mask_text or mask_image) and not (itm or classify or whole_fusion):
             upto = (self.cfg.mlm_layer_index if mask_text else 0, self.cfg.mim_layer if mask_image else 0)
         last = self.cfg.fusion.num_layers  # a stream whose last states no head reads needs only its pooled token
-        first_only = (not whole_fusion and not (mask_text and self.cfg.mlm_layer_index == last),
-                      not whole_fusion and not (mask_image and self.cfg.mim_layer == last))
+        first_only = (False, False) if whole_fusion else (not (mask_text and self.cfg.mlm_layer_index == last),
+                                                          not (mask_image and self.cfg.mim_layer == last))
         fused = self.fusion(text, batch["attention_mask"].to(text.device), image.states, upto, first_only)
         out = MedVLPOutput(text_features=text, image_features=image.states, fusion=fused, masking=image.masking)
         if mask_text:
