@@ -156,6 +156,14 @@ def measure(method: str, size: str, batch_size: int, steps: int, precision: str,
         from medvlp.training.pretrain import compile_parts
 
         compile_parts(model)
+    try:  # what `medvlp pretrain` does to the allocator, where the measured checkout does it
+        from medvlp.training.trainer import keep_freed_memory
+    except ImportError:
+        def keep_freed_memory() -> bool:
+            return False
+    kept = keep_freed_memory()
+    allocator = ("freed memory kept (medvlp)" if kept else
+                 "MALLOC_* environment" if any(k.startswith("MALLOC_") for k in os.environ) else "glibc default")
     tasks = config.tasks
     optimizer = build_optimizer(model, config.optim)
     batch = {k: v.to(device) for k, v in random_batch(model.cfg, batch_size).items()}
@@ -190,7 +198,7 @@ def measure(method: str, size: str, batch_size: int, steps: int, precision: str,
     return {"params": params, "times": times, "seconds": sum(times) / len(times), "min_seconds": min(times),
             "first": first,
             "flops": flops, "memory": peak_memory(device), "precision": precision, "why": why,
-            "medvlp": str(Path(sys.modules["medvlp"].__file__).parent)}
+            "allocator": allocator, "medvlp": str(Path(sys.modules["medvlp"].__file__).parent)}
 
 
 def merged(before: dict, again: dict) -> dict:
@@ -245,7 +253,8 @@ def report(config: Config, result: dict, batch_size: int, peaks: dict[str, float
             line += f" ({achieved / peaks['fp32']:.1%} of fp32)"
     else:
         line += f", first (compiling) step {result['first']:.1f} s"
-    return line + f", peak memory {result['memory'] / 2**30:.2f} GiB; precision: {result['why']}"
+    return (line + f", peak memory {result['memory'] / 2**30:.2f} GiB; precision: {result['why']}; allocator: "
+            f"{result.get('allocator', '?')}")
 
 
 def main() -> None:

@@ -3,7 +3,9 @@ strategy, loggers (CSV + TensorBoard under ``run_dir/logs``), safetensors checkp
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import platform
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,7 +20,7 @@ from medvlp.training.progress import StepProgressBar
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TrainerConfig", "build_trainer", "choose_precision", "resolve_precision"]
+__all__ = ["TrainerConfig", "build_trainer", "choose_precision", "keep_freed_memory", "resolve_precision"]
 
 
 def build_trainer(run_dir: Path, t: TrainerConfig, *, grad_clip: float, callbacks: Sequence[L.Callback],
@@ -31,6 +33,7 @@ def build_trainer(run_dir: Path, t: TrainerConfig, *, grad_clip: float, callback
     loggers = [csv, L.pytorch.loggers.TensorBoardLogger(run_dir, name="logs", version=csv.version,
                                                         default_hp_metric=False)]
     quiet_lightning()
+    keep_freed_memory()
     # Lightning warns that a loader without state_dict() cannot resume mid-epoch; ours can: its StreamSampler
     # starts at the batch the checkpoint's module recorded (see data/sampler.py)
     warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
@@ -50,6 +53,26 @@ def build_trainer(run_dir: Path, t: TrainerConfig, *, grad_clip: float, callback
         use_distributed_sampler=False,
         enable_progress_bar=t.progress_bar, enable_model_summary=False,
     )
+
+
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
+MMAP_THRESHOLD_MAX = 32 * 2**20  # the largest mmap threshold glibc accepts on a 64-bit machine
+
+
+def keep_freed_memory() -> bool:
+    """Have glibc's ``malloc`` keep the memory a training step frees, for the next step to reuse.
+
+    A CPU step allocates and frees the same activations and gradients every time. By default glibc serves each
+    block above its mmap threshold (128 KiB, rising up to 32 MiB as such blocks are freed) with a fresh ``mmap``
+    and returns the free top of its heap to the system, so every step faults its memory in again and the kernel
+    zeroes it page by page: at ``base`` size a large part of the step is system time (docs/performance.md).
+    With blocks up to 32 MiB taken from the heap and the heap never trimmed, a step's memory stays mapped from
+    one step to the next. Affects the whole process; a no-op returning False where the C library is not glibc.
+    """
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    libc = ctypes.CDLL("libc.so.6")
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX) and libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
 
 
 def _strategy(name: str) -> str:
