@@ -176,9 +176,10 @@ def page_faults_of_a_step(mode: str) -> str:
 
 def test_a_step_reuses_the_memory_the_last_step_freed_without_page_faults():
     """``build_trainer`` calls ``keep_freed_memory``: 192 MiB allocated and freed three times fault their pages
-    in once (the third time costs no faults); glibc's default faults them in at every step."""
+    in once (the third time costs almost none: now and then one block lands above the heap's earlier top and
+    faults its 2,048 pages in); glibc's default faults them all in at every step."""
     kept = page_faults_of_a_step("keep")
     if kept == "not glibc":
         pytest.skip("the C library is not glibc")
-    assert int(kept) < 2_000
+    assert int(kept) < 10_000
     assert int(page_faults_of_a_step("default")) > 20_000  # 192 MiB is 49,152 pages of 4 KiB
