@@ -131,6 +131,16 @@ def peak_memory(device: str) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
+def paging() -> tuple[int, float]:
+    """This process's minor page faults and system CPU seconds so far (zeros where ``resource`` is missing)."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return 0, 0.0
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_minflt, usage.ru_stime
+
+
 def measure(method: str, size: str, batch_size: int, steps: int, precision: str, device: str,
             compile_model: bool = False) -> dict:
     """Time ``steps`` optimiser steps after one warm-up step (whose FLOPs are counted); returns the figures."""
@@ -190,22 +200,26 @@ def measure(method: str, size: str, batch_size: int, steps: int, precision: str,
         flops = counter.get_total_flops()
     sync(device)
     times = []
+    faults, system = paging()  # page faults and system time: what the allocator costs
     for _ in range(steps):
         start = time.perf_counter()
         step()
         sync(device)
         times.append(time.perf_counter() - start)
+    faults, system = (now - then for now, then in zip(paging(), (faults, system)))
     return {"params": params, "times": times, "seconds": sum(times) / len(times), "min_seconds": min(times),
             "first": first,
             "flops": flops, "memory": peak_memory(device), "precision": precision, "why": why,
-            "allocator": allocator, "medvlp": str(Path(sys.modules["medvlp"].__file__).parent)}
+            "allocator": allocator, "faults": faults / steps, "system": system / steps,
+            "medvlp": str(Path(sys.modules["medvlp"].__file__).parent)}
 
 
 def merged(before: dict, again: dict) -> dict:
     """The figures of two measurements of one configuration: all their timed steps together."""
     times = before["times"] + again["times"]
     return {**before, "times": times, "seconds": sum(times) / len(times), "min_seconds": min(times),
-            "memory": max(before["memory"], again["memory"])}
+            "memory": max(before["memory"], again["memory"]),
+            "faults": (before["faults"] + again["faults"]) / 2, "system": (before["system"] + again["system"]) / 2}
 
 
 def run_config(config: Config, src: str | None, args) -> dict:
@@ -254,7 +268,8 @@ def report(config: Config, result: dict, batch_size: int, peaks: dict[str, float
     else:
         line += f", first (compiling) step {result['first']:.1f} s"
     return (line + f", peak memory {result['memory'] / 2**30:.2f} GiB; precision: {result['why']}; allocator: "
-            f"{result.get('allocator', '?')}")
+            f"{result.get('allocator', '?')} ({result['faults']:,.0f} page faults, {result['system']:.2f} s system "
+            f"time per step)")
 
 
 def main() -> None:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -58,6 +59,7 @@ def test_pretrain_throughput_prints_both_methods_their_ratio_and_another_checkou
     assert lines.keys() == {"m3ae-tiny", "mpma-tiny", "again:m3ae-tiny"}
     for line in lines.values():
         assert "samples/s" in line and "GFLOP/step" in line and "of the fp32 peak" in line and "peak memory" in line
+        assert re.search(r"\(\d[\d,]* page faults, \d+\.\d\d s system time per step\)", line)
     assert "precision: auto: " in lines["m3ae-tiny"] and "precision: as configured" in lines["again:m3ae-tiny"]
     assert f"again:m3ae-tiny: medvlp from {src}" in out
     assert "tiny: MPMA paired step / M3AE three-pass step = " in out
