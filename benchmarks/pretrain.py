@@ -200,17 +200,18 @@ def measure(method: str, size: str, batch_size: int, steps: int, precision: str,
         flops = counter.get_total_flops()
     sync(device)
     times = []
-    faults, system = paging()  # page faults and system time: what the allocator costs
+    faults_before, system_before = paging()  # page faults and system time: what the allocator costs
     for _ in range(steps):
         start = time.perf_counter()
         step()
         sync(device)
         times.append(time.perf_counter() - start)
-    faults, system = (now - then for now, then in zip(paging(), (faults, system)))
+    faults_after, system_after = paging()
     return {"params": params, "times": times, "seconds": sum(times) / len(times), "min_seconds": min(times),
             "first": first,
             "flops": flops, "memory": peak_memory(device), "precision": precision, "why": why,
-            "allocator": allocator, "faults": faults / steps, "system": system / steps,
+            "allocator": allocator, "faults": (faults_after - faults_before) / steps,
+            "system": (system_after - system_before) / steps,
             "medvlp": str(Path(sys.modules["medvlp"].__file__).parent)}
 
 
