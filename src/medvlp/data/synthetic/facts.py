@@ -22,7 +22,9 @@ LABELS = ("normal", "single lesion", "multiple unilateral lesions", "bilateral l
 
 COUNT_PROBS = {  # P(0, 1, 2, 3 lesions)
     "pretrain": (0.3, 0.3, 0.2, 0.2), "vqa": (0.3, 0.3, 0.2, 0.2), "retrieval": (0.0, 0.4, 0.3, 0.3)}
-RADIUS = {"small": 0.06, "medium": 0.09, "large": 0.125}  # lesion radius, in units of half the field
+# Lesion radius, in units of half the field: a small lesion is 10 px across at the tiny model's 64 px, so that a
+# 16-px patch sees it (at 0.06 / 0.09 / 0.125 the tiny ViT could not learn them, even supervised: docs/results.md).
+RADIUS = {"small": 0.15, "medium": 0.22, "large": 0.31}
 ASPECTS = {"round": (0.9, 1.1), "oval": (1.5, 1.7)}  # a lesion's long axis over its short one
 BLUR = {"well-defined": 0.0, "ill-defined": 0.7}  # width of a lesion's edge, as a fraction of its radius
 T = TypeVar("T")
