@@ -99,3 +99,38 @@ def test_main_job_precisions_runs_the_demo_and_prints_the_reports_side_by_side(t
     report = json.loads((tmp_path / "fp32" / "benchmark" / "report.json").read_text())
     both = script.side_by_side({"fp32": (report, 60.0), "bf16": (report, 30.0)})
     assert both.splitlines()[0].count("margin") == 2 and "bf16 (32-true, 0.5 min" in both
+
+
+def test_zero_shot_itm_writes_every_pattern_for_the_images_modality_and_region():
+    script = benchmark_script("zero_shot_itm")
+    record = {"modality": "ct", "region": "chest", "size": "none", "brightness": "none", "shape": "none",
+              "margin": "none"}
+    texts, labels = script.candidates(record, __import__("numpy").random.default_rng(0))
+    assert len(texts) == len(labels) == len(script.PATTERNS) * script.WORDINGS
+    assert set(labels) == set(S.LABELS)
+    assert all("CT" in t or "computed tomography" in t.lower() for t in texts)
+    assert all(any(w in t.lower() for w in ("chest", "thorax", "thoracic")) for t in texts)
+    both = [t for t, label in zip(texts, labels) if label == "bilateral lesions"]
+    assert all("right" in t and "left" in t for t in both)  # complete captions place every lesion
+
+
+def test_zero_shot_itm_predicts_the_label_of_the_best_scoring_caption(tiny_pretrain_run, monkeypatch, capsys):
+    import torch
+
+    from medvlp.models.model import MedVLP
+
+    script = benchmark_script("zero_shot_itm")
+    data = tiny_pretrain_run.parent / "data" / "classification"
+    records = Records(data, "test")
+    labels = [records[i]["label"] for i in range(len(records))]
+    # an ITM head that prefers the first caption of every image, which is the "normal" pattern's
+    monkeypatch.setattr(MedVLP, "match_score", lambda self, logits: -torch.arange(len(logits), dtype=torch.float)
+                        % len(script.PATTERNS * script.WORDINGS))
+    monkeypatch.setattr(sys, "argv", ["zero_shot_itm.py", str(tiny_pretrain_run), "--data", str(data)])
+    script.main()
+    out = capsys.readouterr().out
+    share = 100 * labels.count("normal") / len(labels)
+    assert f"zero-shot ITM accuracy {share:.1f}% on {len(labels)} test images" in out
+    normal = S.LABELS.index("normal")
+    rows = [line for line in out.splitlines() if line.strip().split(":")[0] in S.LABELS]
+    assert [int(row.split()[-len(S.LABELS) + normal]) for row in rows] == [labels.count(label) for label in S.LABELS]
