@@ -217,23 +217,32 @@ def test_the_facts_are_in_the_pixels(brightness):
     assert max(areas["small"]) < min(areas["large"]) / 2  # sizes differ visibly
 
 
-def test_lesions_are_separate_blobs_as_many_as_counted():
-    for facts in [f for f in facts_pool(120, count=3) if f.margin == "well-defined"][:10]:
-        _, difference = lesion_difference(facts, 128, seed=5)
-        mask = np.abs(difference) > 25
-        labels, blobs = np.zeros(mask.shape, int), 0
-        for start in zip(*np.nonzero(mask)):  # connected components, 4-neighbour flood fill
-            if labels[start]:
-                continue
-            blobs += 1
-            labels[start], stack = blobs, [start]
-            while stack:
-                r, c = stack.pop()
-                for nr, nc in ((r + 1, c), (r - 1, c), (r, c + 1), (r, c - 1)):
-                    if 0 <= nr < 128 and 0 <= nc < 128 and mask[nr, nc] and not labels[nr, nc]:
-                        labels[nr, nc] = blobs
-                        stack.append((nr, nc))
-        assert blobs == 3, (facts.size, facts.side, facts.region, facts.modality)
+def blob_count(mask: np.ndarray) -> int:
+    """Connected components of a boolean image (4-neighbour flood fill)."""
+    labels, blobs = np.zeros(mask.shape, int), 0
+    for start in zip(*np.nonzero(mask)):
+        if labels[start]:
+            continue
+        blobs += 1
+        labels[start], stack = blobs, [start]
+        while stack:
+            r, c = stack.pop()
+            for nr, nc in ((r + 1, c), (r - 1, c), (r, c + 1), (r, c - 1)):
+                if 0 <= nr < mask.shape[0] and 0 <= nc < mask.shape[1] and mask[nr, nc] and not labels[nr, nc]:
+                    labels[nr, nc] = blobs
+                    stack.append((nr, nc))
+    return blobs
+
+
+@pytest.mark.parametrize(("count", "share"), [(2, 0.85), (3, 0.75)])
+def test_lesions_are_separate_blobs_as_many_as_counted(count, share):
+    """Lesions large enough for the tiny model crowd a small organ now and then: where no placement keeps them
+    apart they touch (the draw keeping them farthest apart is taken), and a lesion over bone or air can be
+    clipped in two. Most scans still show as many separate blobs as the caption counts, and few merge into one."""
+    pool = [f for f in facts_pool(300, count=count) if f.margin == "well-defined"][:100]
+    blobs = [blob_count(np.abs(lesion_difference(facts, 128, seed=5)[1]) > 25) for facts in pool]
+    assert blobs.count(count) >= share * len(pool), {b: blobs.count(b) for b in set(blobs)}
+    assert blobs.count(1) <= 0.05 * len(pool)
 
 
 def test_one_sample_is_deterministic_and_seed_dependent():

@@ -104,7 +104,8 @@ def _place(rng: np.random.Generator, zone: tuple[float, float, float, float], k:
            reach: float) -> np.ndarray:
     """``k`` centres in a zone, far enough apart for lesions of ``reach`` not to touch; shape (k, 2). Of 128
     random draws the first that fits is taken; where none does (large lesions crowding a small organ) the zone
-    grows a little, letting lesions reach into the tissue around, but never across the midline."""
+    grows a little, letting lesions reach into the tissue around, but never across the midline. Where none fits
+    even then, the draw on the zone's side whose closest two lesions lie farthest apart."""
     cx, cy, rx, ry = zone
     if k == 1:
         r, a = math.sqrt(rng.random()), rng.random() * 2 * math.pi
@@ -114,10 +115,11 @@ def _place(rng: np.random.Generator, zone: tuple[float, float, float, float], k:
         points = np.stack([cx + rx * r * np.cos(a), cy + ry * r * np.sin(a)], axis=-1)
         gaps = np.linalg.norm(points[:, :, None] - points[:, None, :], axis=-1) + np.eye(k) * 9
         on_side = (np.sign(cx) * points[..., 0] > 0.1).all(axis=1)
-        fits = (gaps.min(axis=(1, 2)) >= 2 * reach + 0.03) & on_side
+        closest = gaps.min(axis=(1, 2))
+        fits = (closest >= 2 * reach + 0.03) & on_side
         if fits.any():
-            break
-    return points[int(np.argmax(fits))]
+            return points[int(np.argmax(fits))]
+    return points[int(np.argmax(np.where(on_side, closest, -np.inf)))]
 
 
 def sample_facts(rng: np.random.Generator, count: int, side: str | None = None) -> Facts:
