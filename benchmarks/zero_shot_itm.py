@@ -21,7 +21,6 @@ import numpy as np
 import torch
 
 from medvlp.data.loader import FamilyDataset
-from medvlp.data.records import Records
 from medvlp.data.synthetic import LABELS, POSITIONS, Facts, Lesion, caption, label_of, view_of
 from medvlp.training.runs import open_run
 
@@ -52,24 +51,24 @@ def accuracy(run: Path, data: Path, n: int, batch: int = 16) -> tuple[float, np.
     """Zero-shot accuracy (%) on the first ``n`` test images, and the confusion matrix (rows: truth)."""
     opened = open_run(run, kind="pre-trained")
     model, tokenizer = opened.model, opened.tokenizer
-    records = Records(data, "test")
-    size = FamilyDataset(data, "test", model.cfg.image_size, train=False)
+    dataset = FamilyDataset(data, "test", model.cfg.image_size, train=False)
+    names = {index: label for label, index in dataset.label_index.items()}
     rng = np.random.default_rng(0)
     confusion = np.zeros((len(LABELS), len(LABELS)), np.int64)
-    for start in range(0, min(n, len(records)), batch):
-        rows = range(start, min(start + batch, n, len(records)))
-        texts, labels = zip(*(candidates(records[i], rng) for i in rows))
+    for start in range(0, min(n, len(dataset)), batch):
+        rows = range(start, min(start + batch, n, len(dataset)))
+        samples = [dataset[i] for i in rows]
+        texts, labels = zip(*(candidates(dataset.records[i], rng) for i in rows))
         flat = [t for group in texts for t in group]
         encoded = tokenizer(flat, padding=True, truncation=True, max_length=opened.max_text_len,
                             return_tensors="pt")
         text = model.encode_text(encoded["input_ids"], encoded["attention_mask"])
-        pixels = torch.stack([size[i]["pixels"] for i in rows])
+        pixels = torch.stack([sample["pixels"] for sample in samples])
         image = model.encode_image(pixels).states.repeat_interleave(len(texts[0]), dim=0)
         scores = model.match_score(model.match(text, encoded["attention_mask"], image)).view(len(rows), -1)
-        for i, row in enumerate(rows):
-            truth = records[row]["label"]
-            predicted = labels[i][int(scores[i].argmax())]
-            confusion[LABELS.index(truth), LABELS.index(predicted)] += 1
+        for sample, captions_labels, row_scores in zip(samples, labels, scores):
+            predicted = captions_labels[int(row_scores.argmax())]
+            confusion[LABELS.index(names[sample["label"]]), LABELS.index(predicted)] += 1
     return 100 * np.trace(confusion) / confusion.sum(), confusion
 
 

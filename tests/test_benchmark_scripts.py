@@ -8,6 +8,7 @@ import re
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from helpers import ROOT, benchmark_script
 
@@ -105,7 +106,7 @@ def test_zero_shot_itm_writes_every_pattern_for_the_images_modality_and_region()
     script = benchmark_script("zero_shot_itm")
     record = {"modality": "ct", "region": "chest", "size": "none", "brightness": "none", "shape": "none",
               "margin": "none"}
-    texts, labels = script.candidates(record, __import__("numpy").random.default_rng(0))
+    texts, labels = script.candidates(record, np.random.default_rng(0))
     assert len(texts) == len(labels) == len(script.PATTERNS) * script.WORDINGS
     assert set(labels) == set(S.LABELS)
     assert all("CT" in t or "computed tomography" in t.lower() for t in texts)
@@ -124,8 +125,9 @@ def test_zero_shot_itm_predicts_the_label_of_the_best_scoring_caption(tiny_pretr
     records = Records(data, "test")
     labels = [records[i]["label"] for i in range(len(records))]
     # an ITM head that prefers the first caption of every image, which is the "normal" pattern's
-    monkeypatch.setattr(MedVLP, "match_score", lambda self, logits: -torch.arange(len(logits), dtype=torch.float)
-                        % len(script.PATTERNS * script.WORDINGS))
+    per_image = len(script.PATTERNS) * script.WORDINGS
+    monkeypatch.setattr(MedVLP, "match_score",
+                        lambda self, logits: -(torch.arange(len(logits), dtype=torch.float) % per_image))
     monkeypatch.setattr(sys, "argv", ["zero_shot_itm.py", str(tiny_pretrain_run), "--data", str(data)])
     script.main()
     out = capsys.readouterr().out
