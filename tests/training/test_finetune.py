@@ -192,3 +192,19 @@ def test_retrieval_benchmark_two_stage_equals_exhaustive_when_k_covers_every_can
     assert lines[1].split(":")[0].strip() == "two-stage" and lines[3].split(":")[0].strip() == "exhaustive"
     assert two_stage == exhaustive and "i2t_r10 100.0" in two_stage  # every candidate re-ranked: same ranking
     assert "fusion passes 100" in lines[3] and "faster than exhaustive" in lines[5]
+
+
+def test_bf16_mixed_runs_pretraining_and_fine_tuning_with_clipping(pretrained):
+    """Lightning refuses to clip the gradients of a fused AdamW under mixed precision (it stopped every bf16 run
+    at its first step): pre-training and fine-tuning both run with optim.grad_clip on."""
+    root = pretrained.parent
+    config = load_pretrain_config("src/medvlp/configs/mpma-tiny.yaml", [
+        f"run_dir={root / 'pretrain-bf16'}", f"data.synthetic_dir={root / 'data'}", "data.batch_size=8",
+        "data.num_workers=0", "trainer.max_steps=2", "trainer.val_every=2", "trainer.val_batches=1",
+        "trainer.pictures=0", "trainer.progress_bar=false", "data.vocab_size=400", "data.synthetic.workers=1",
+        "trainer.precision=bf16-mixed", *[f"data.synthetic.{s}" for s in SMALL]])
+    assert config.optim.grad_clip > 0
+    assert json.loads((pretrain(config) / "metrics.json").read_text())["step"] == 2
+    run = finetune(settings(pretrained, "bf16-cls", "classification", f"init={pretrained}",
+                            "trainer.precision=bf16-mixed", "trainer.max_steps=2", "trainer.val_every=2"))
+    assert json.loads((run / "metrics.json").read_text())["best_step"] == 2

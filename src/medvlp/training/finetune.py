@@ -182,7 +182,8 @@ class FinetuneModule(L.LightningModule):
         return loss
 
     def configure_optimizers(self):
-        return lightning_optimization(self.model, self.config.optim, self.config.trainer.max_steps)
+        return lightning_optimization(self.model, self.config.optim, self.config.trainer.max_steps,
+                                      str(self.trainer.precision))
 
 
 class ModelSelection(L.Callback):

@@ -138,7 +138,8 @@ class PretrainModule(L.LightningModule):
         self.last_validation = dict(state.get("last_validation", {}))
 
     def configure_optimizers(self):
-        return lightning_optimization(self.model, self.config.optim, self.config.trainer.max_steps)
+        return lightning_optimization(self.model, self.config.optim, self.config.trainer.max_steps,
+                                      str(self.trainer.precision))
 
 
 # -- the run -----------------------------------------------------------------------------------------------------
