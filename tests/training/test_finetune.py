@@ -28,16 +28,19 @@ SMALL = [f"{family}_{split}={n}" for family in ("pretrain", "vqa", "classificati
          for split, n in (("train", 48), ("val", 12), ("test", 10))]
 
 
+def pretrain_settings(root, name, *extra):
+    """A 4-step MPMA pre-training on the small corpus under ``root``."""
+    return load_pretrain_config("src/medvlp/configs/mpma-tiny.yaml", [
+        f"run_dir={root / name}", f"data.synthetic_dir={root / 'data'}", "data.batch_size=8",
+        "data.num_workers=0", "trainer.max_steps=4", "trainer.val_every=4", "trainer.val_batches=1",
+        "trainer.pictures=0", "trainer.progress_bar=false", "data.vocab_size=400", "data.synthetic.workers=1",
+        *[f"data.synthetic.{s}" for s in SMALL], *extra])
+
+
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory):
     """A 4-step MPMA pre-training run on the small corpus (shared by the tests of this module)."""
-    root = tmp_path_factory.mktemp("finetune")
-    config = load_pretrain_config("src/medvlp/configs/mpma-tiny.yaml", [
-        f"run_dir={root / 'pretrain'}", f"data.synthetic_dir={root / 'data'}", "data.batch_size=8",
-        "data.num_workers=0", "trainer.max_steps=4", "trainer.val_every=4", "trainer.val_batches=1",
-        "trainer.pictures=0", "trainer.progress_bar=false", "data.vocab_size=400", "data.synthetic.workers=1",
-        *[f"data.synthetic.{s}" for s in SMALL]])
-    return pretrain(config)
+    return pretrain(pretrain_settings(tmp_path_factory.mktemp("finetune"), "pretrain"))
 
 
 def settings(pretrained, name, task, *extra):
@@ -197,12 +200,8 @@ def test_retrieval_benchmark_two_stage_equals_exhaustive_when_k_covers_every_can
 def test_bf16_mixed_runs_pretraining_and_fine_tuning_with_clipping(pretrained):
     """Lightning refuses to clip the gradients of a fused AdamW under mixed precision (it stopped every bf16 run
     at its first step): pre-training and fine-tuning both run with optim.grad_clip on."""
-    root = pretrained.parent
-    config = load_pretrain_config("src/medvlp/configs/mpma-tiny.yaml", [
-        f"run_dir={root / 'pretrain-bf16'}", f"data.synthetic_dir={root / 'data'}", "data.batch_size=8",
-        "data.num_workers=0", "trainer.max_steps=2", "trainer.val_every=2", "trainer.val_batches=1",
-        "trainer.pictures=0", "trainer.progress_bar=false", "data.vocab_size=400", "data.synthetic.workers=1",
-        "trainer.precision=bf16-mixed", *[f"data.synthetic.{s}" for s in SMALL]])
+    config = pretrain_settings(pretrained.parent, "pretrain-bf16", "trainer.max_steps=2", "trainer.val_every=2",
+                               "trainer.precision=bf16-mixed")
     assert config.optim.grad_clip > 0
     assert json.loads((pretrain(config) / "metrics.json").read_text())["step"] == 2
     run = finetune(settings(pretrained, "bf16-cls", "classification", f"init={pretrained}",
