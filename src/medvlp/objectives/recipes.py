@@ -21,10 +21,11 @@ one encoder pass instead of three. FLIP measured that at scale and over long sch
 steps of a tiny model from scratch it halves the alignment (``mpma-tiny``, 500 steps: zero-shot R@1 0.4% /
 0.5% against 1.2% / 1.1%). So ``align_whole_image`` encodes the whole image once more, vision encoder only, and
 the alignment losses and the hard-negative similarities read that (``whole_image_alignment``; the fused passes
-still see the masked image). ``mpma-tiny`` switches it on (7% more time per step there); ``mpma-base`` keeps
-FLIP's one pass, where a whole-image pass of ViT-B/16 would cost more than the rest of the vision work of the
-step. In the three-pass step the pair pass is the MLM pass (whole image, masked text). Zero-shot retrieval
-embeds whole images and whole texts (``MedVLP.embed_image``/``embed_text``).
+still see the masked image). Both shipped MPMA configs leave it off: ``mpma-base`` keeps FLIP's one pass,
+where a whole-image pass of ViT-B/16 would cost more than the rest of the vision work of the step, and
+``mpma-tiny`` does not pair its masking (its MLM needs the whole image to count the lesions; see its config).
+In the three-pass step the pair pass is the MLM pass (whole image, masked text). Zero-shot retrieval embeds
+whole images and whole texts (``MedVLP.embed_image``/``embed_text``).
 
 Downstream (``vqa_step``, ``classification_step``, ``retrieval_step``): one pass each, the loss of its task.
 
