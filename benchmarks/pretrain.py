@@ -3,8 +3,9 @@
 For each configuration (a method and a model size, optionally a precision and a checkout of medvlp): a real
 optimiser step (forward + backward + AdamW) on a random batch (uint8 images at the size's resolution, 64-token
 texts with 15% masked), timed after one warm-up step. M3AE's step is three passes (MLM, MIM, ITM on a swapped
-batch); MPMA's is one paired-masking pass with global and local alignment and hard-negative ITM from the same
-encoder states, with its memory in the fusion (the shipped ``m3ae-*`` / ``mpma-*`` configs). The model FLOPs
+batch); ``mpma-base``'s is one paired-masking pass with global and local alignment and hard-negative ITM from the
+same encoder states, with its memory in the fusion; ``mpma-tiny``'s has the same parts but M3AE's separate MLM
+and MIM passes (its MLM reads the whole image). Each as its shipped config says. The model FLOPs
 of one step are counted by PyTorch's FlopCounterMode (on the warm-up step); the machine's bf16 and fp32
 matrix-multiply peaks are measured in the same run. Every configuration runs in a fresh process of its own, so
 that its peak memory (RSS on a CPU, ``max_memory_allocated`` on CUDA) is its own and another checkout's code can
